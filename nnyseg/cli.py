@@ -1,0 +1,171 @@
+"""The ``nnyseg`` command. Training and prediction use the stock ``nnUNetv2_*`` commands; this adds what they lack."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import nnyseg
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from nnyseg.data.phantom import write_nnunet_dataset
+    from nnyseg.data.validation import nnunet_raw_folder
+
+    raw = Path(args.output) if args.output else nnunet_raw_folder()
+    folder = write_nnunet_dataset(
+        raw,
+        args.dataset_id,
+        args.name,
+        num_training=args.num_training,
+        num_test=args.num_test,
+        preset=args.preset,
+        seed=args.seed,
+        phase=args.phase,
+        direction=args.direction,
+        overwrite=args.overwrite,
+    )
+    print(f"phantom dataset written to {folder}")
+    return 0
+
+
+def _cmd_plan_and_preprocess(args: argparse.Namespace, rest: list[str]) -> int:
+    from nnyseg.planning.plan_and_preprocess import main
+
+    main(rest)
+    return 0
+
+
+def _cmd_check_dataset(args: argparse.Namespace) -> int:
+    from nnyseg.data.validation import validate_raw_dataset
+
+    folder = validate_raw_dataset(args.dataset, check_intensities=not args.headers_only)
+    print(f"{folder}: no problems found")
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from nnyseg.doctor import main
+
+    return main(lookup=not args.no_lookup)
+
+
+def _cmd_trainer_dir(args: argparse.Namespace) -> int:
+    print(nnyseg.TRAINER_DIR)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from nnyseg.evaluation.dice import evaluate_folders, format_summary
+
+    result = evaluate_folders(args.gt, args.pred, output_json=args.output)
+    print(format_summary(result))
+    if args.output:
+        print(f"metrics written to {args.output}")
+    return 0
+
+
+def _cmd_overlay(args: argparse.Namespace) -> int:
+    from nnyseg.evaluation.overlay import save_overlay
+
+    path = save_overlay(args.image, args.gt, args.pred, args.output)
+    print(f"overlay written to {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from nnyseg.demo import run_demo
+
+    run_demo(Path(args.workdir), trainers=args.models, keep=args.keep)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnyseg",
+        description="Liver and liver-tumour segmentation networks for nnU-Net v2. Train and predict with the stock "
+        "nnUNetv2_train / nnUNetv2_predict commands (`-tr nnYNetTrainer`, ...); this command adds data, planning, "
+        "checks and evaluation.",
+    )
+    parser.add_argument("--version", action="version", version=f"nnyseg {nnyseg.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("phantom", help="write a synthetic CT liver/tumour dataset in nnU-Net raw format")
+    p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+    p.add_argument("--name", default="LiverPhantom", help="dataset name (default: %(default)s)")
+    p.add_argument("-o", "--output", help="raw folder to write into (default: $nnUNet_raw)")
+    p.add_argument("--num-training", type=int, default=8, help="training cases (default: %(default)s)")
+    p.add_argument("--num-test", type=int, default=2, help="test cases in imagesTs/labelsTs (default: %(default)s)")
+    p.add_argument("--preset", default="tiny", help="grid: micro, tiny, small, clinical, lits_like (default: %(default)s)")
+    p.add_argument("--phase", default="portal", help="native, portal or arterial (default: %(default)s)")
+    p.add_argument("--direction", default="identity", help="identity, flipped or oblique (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same name")
+    p.set_defaults(func=_cmd_phantom)
+
+    p = sub.add_parser(
+        "plan_and_preprocess",
+        help="nnUNetv2_plan_and_preprocess that also knows nnyseg's planners (-pl nnYNetPlanner, ...)",
+        add_help=False,
+        description="Takes exactly nnUNetv2_plan_and_preprocess's flags; see `nnyseg plan_and_preprocess --help`.",
+    )
+    p.set_defaults(func=_cmd_plan_and_preprocess, passthrough=True)
+
+    p = sub.add_parser("check-dataset", help="check a raw dataset: dataset.json, geometry, labels, NaNs")
+    p.add_argument("dataset", help="dataset id, DatasetXXX_Name, or a folder")
+    p.add_argument("--headers-only", action="store_true", help="skip the NaN scan of the image voxels")
+    p.set_defaults(func=_cmd_check_dataset)
+
+    p = sub.add_parser("doctor", help="check that the stock nnU-Net commands can find and run nnyseg")
+    p.add_argument("--no-lookup", action="store_true", help="skip running nnU-Net's trainer lookup (a few seconds)")
+    p.set_defaults(func=_cmd_doctor)
+
+    p = sub.add_parser("trainer-dir", help="print the folder to put into nnUNet_extTrainer")
+    p.set_defaults(func=_cmd_trainer_dir)
+
+    p = sub.add_parser("evaluate", help="Dice per class and case, and global Dice, of predictions against labels")
+    p.add_argument("--gt", required=True, help="folder of ground-truth label files")
+    p.add_argument("--pred", required=True, help="folder of predicted label files (same names)")
+    p.add_argument("-o", "--output", help="write the metrics as JSON to this file")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("overlay", help="PNG of image, ground truth and prediction through the largest tumour")
+    p.add_argument("--image", required=True, help="image file (e.g. case_0000_0000.nii.gz)")
+    p.add_argument("--gt", required=True, help="ground-truth label file")
+    p.add_argument("--pred", required=True, help="predicted label file")
+    p.add_argument("-o", "--output", required=True, help="PNG file to write")
+    p.set_defaults(func=_cmd_overlay)
+
+    p = sub.add_parser("demo", help="phantom -> plan -> train tiny models on the CPU -> predict -> evaluate -> PNG")
+    p.add_argument("--workdir", default="nnyseg_demo", help="folder for all demo outputs (default: %(default)s)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="which tiny models to train (default: the PlainConvUNet baseline and every nnyseg architecture)",
+    )
+    p.add_argument("--keep", action="store_true", help="reuse an existing work folder instead of starting afresh")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "plan_and_preprocess":
+        # nnU-Net's own parser reads these flags (and answers --help), so they are passed through untouched.
+        command, run = argv[0], lambda: _cmd_plan_and_preprocess(argparse.Namespace(), argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: args.func(args)
+    try:
+        return run()
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        # Bad input: one clear message, no traceback. Everything else is a bug and keeps its traceback.
+        print(f"nnyseg {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: the synthetic CT phantom and dataset validation."""

@@ -1,0 +1,1 @@
+"""Evaluation of predictions: Dice per class, pictures for people."""

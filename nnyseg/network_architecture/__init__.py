@@ -1,0 +1,1 @@
+"""Network architectures that nnU-Net builds from the plans' dotted class path."""

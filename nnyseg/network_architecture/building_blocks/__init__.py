@@ -1,0 +1,1 @@
+"""Small named blocks shared by the nnyseg architectures."""

@@ -1,0 +1,1 @@
+"""Planning: nnU-Net's fingerprint-based planners adapted to the nnyseg architectures."""

@@ -1,0 +1,258 @@
+"""Experiment planners: nnU-Net's fingerprint-based planning, adapted to each nnyseg architecture.
+
+Every planner here is an ``ExperimentPlanner`` subclass and runs nnU-Net's own planning first: target spacing,
+median shape, the PlainConvUNet patch size and batch size, normalisation and resampling all come from the dataset
+fingerprint exactly as in ``nnUNetv2_plan_and_preprocess``. Each 3D configuration is then adapted in
+:meth:`nnysegPlannerBase.adapt_configuration`:
+
+1. :meth:`~nnysegPlannerBase.topology` turns the patch into one the architecture can take (for example every axis a
+   multiple of 32 with isotropic 2x2x2 pooling for a Swin encoder) and writes the architecture block (dotted class
+   path and keyword arguments) into the plans;
+2. while the architecture's own memory estimate (``compute_conv_feature_map_size``, as nnU-Net uses for its U-Nets)
+   exceeds nnU-Net's reference for the GPU memory target, the axis that is largest relative to the median image
+   shape is reduced (:meth:`~nnysegPlannerBase.reduce_axis`), as nnU-Net's own loop does;
+3. the batch size is recomputed from the remaining headroom with nnU-Net's rules (at least 2, at most 5 % of the
+   dataset's voxels per batch).
+
+Every plans file also gets ``3d_fullres_tiny``, the tiny CPU preset: the same preprocessed data, narrow widths, a
+small patch and a short trainer schedule (``nnyseg_trainer_settings``). It exists to run the demo and the tests on a
+laptop CPU in minutes and is never meant for real data.
+
+The 3d_fullres data are preprocessed exactly as nnU-Net's default plans (same spacing and normalisation), so they
+share nnU-Net's ``nnUNetPlans_3d_fullres`` folder unless ``-overwrite_target_spacing`` is given.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Any, ClassVar
+
+import numpy as np
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+import nnyseg
+from nnyseg.trainers.base import PLANS_SETTINGS_KEY
+
+TINY_CONFIGURATION = "3d_fullres_tiny"
+CONV3D = "torch.nn.modules.conv.Conv3d"
+
+
+def conv_unet_topology(spacing: list[float], patch_size: list[int]) -> tuple[list[int], list[list[int]], list]:
+    """nnU-Net's pooling/kernel rule for a conv U-Net: returns (patch size made divisible, kernels, strides)."""
+    _, strides, kernels, patch, _ = get_pool_and_conv_props(spacing, patch_size, 4, 999999)
+    return [int(p) for p in patch], [list(map(int, k)) for k in kernels], [list(map(int, s)) for s in strides]
+
+
+def features_per_stage(n_stages: int, base: int, maximum: int) -> list[int]:
+    """Width doubling per stage from ``base``, capped at ``maximum`` (nnU-Net's rule)."""
+    return [min(maximum, base * 2**i) for i in range(n_stages)]
+
+
+class nnysegPlannerBase(ExperimentPlanner):
+    """nnU-Net's ExperimentPlanner plus an architecture-adaptation step and the tiny CPU preset.
+
+    Subclasses set the class attributes and override :meth:`topology` (and :meth:`reduce_axis` where the
+    architecture's divisibility differs from nnU-Net's conv U-Net).
+    """
+
+    #: Plans name written when ``-overwrite_plans_name`` is not given.
+    default_plans_name: ClassVar[str] = "nnysegBaselinePlans"
+    #: Whether the architecture also has a 2D form; 3D-only architectures drop nnU-Net's ``2d`` configuration.
+    supports_2d: ClassVar[bool] = False
+    #: Whether the 3D configurations are re-planned for the architecture (False keeps nnU-Net's PlainConvUNet plan).
+    adapts_3d: ClassVar[bool] = True
+    #: The tiny preset's voxel budget for its patch (32 x 64 x 64).
+    tiny_max_patch_voxels: ClassVar[int] = 32 * 64 * 64
+    tiny_batch_size: ClassVar[int] = 2
+    #: Short schedule of the tiny preset: a few minutes on 2 CPU cores.
+    tiny_trainer_settings: ClassVar[dict[str, Any]] = {
+        "num_epochs": 10,
+        "num_iterations_per_epoch": 20,
+        "num_val_iterations_per_epoch": 4,
+        "save_every": 5,
+    }
+    #: What this preset changes relative to nnU-Net's default plans, for ``plans/`` and the plans' ``nnyseg`` block.
+    changes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        dataset_name_or_id: str | int,
+        gpu_memory_target_in_gb: float = 8,
+        preprocessor_name: str = "DefaultPreprocessor",
+        plans_name: str | None = None,
+        overwrite_target_spacing: list[float] | tuple[float, ...] | None = None,
+        suppress_transpose: bool = False,
+    ):
+        super().__init__(
+            dataset_name_or_id,
+            gpu_memory_target_in_gb,
+            preprocessor_name,
+            plans_name or self.default_plans_name,
+            overwrite_target_spacing,
+            suppress_transpose,
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Architecture hooks
+    # ----------------------------------------------------------------------------------------------------------
+    def topology(self, spacing: list[float], patch_size: list[int], *, tiny: bool = False) -> tuple[list[int], dict]:
+        """Return a patch size the architecture can take, close to ``patch_size``, and its architecture block.
+
+        The block is the plans' ``architecture`` entry: ``network_class_name``, ``arch_kwargs`` (which must hold
+        ``strides``, read back by nnU-Net for deep supervision) and ``_kw_requires_import``.
+        """
+        raise NotImplementedError
+
+    def reduce_axis(self, spacing: list[float], patch_size: list[int], axis: int) -> list[int] | None:
+        """Return a smaller patch along ``axis`` (before :meth:`topology` re-validates it), or None if impossible."""
+        _, _, strides = conv_unet_topology(spacing, patch_size)
+        step = int(np.prod([s[axis] for s in strides]))
+        if patch_size[axis] - step < 4 * max(1, step // 2):
+            return None
+        smaller = list(patch_size)
+        smaller[axis] -= step
+        return smaller
+
+    # ----------------------------------------------------------------------------------------------------------
+    # nnU-Net hooks
+    # ----------------------------------------------------------------------------------------------------------
+    def generate_data_identifier(self, configuration_name: str) -> str:
+        # 3d_fullres preprocessing depends only on nnU-Net's spacing and normalisation, which we do not change, so
+        # the data are shared with nnU-Net's default plans (as the ResEnc presets do). Other configurations (3d_lowres)
+        # depend on the patch size and get their own folder.
+        if configuration_name in ("2d", "3d_fullres") and self.overwrite_target_spacing is None:
+            return "nnUNetPlans_" + configuration_name
+        return super().generate_data_identifier(configuration_name)
+
+    def get_plans_for_configuration(
+        self,
+        spacing: np.ndarray | tuple[float, ...] | list[float],
+        median_shape: np.ndarray | tuple[int, ...],
+        data_identifier: str,
+        approximate_n_voxels_dataset: float,
+        _cache: dict,
+    ) -> dict:
+        plan = super().get_plans_for_configuration(
+            spacing, median_shape, data_identifier, approximate_n_voxels_dataset, _cache
+        )
+        if len(spacing) != 3 or not self.adapts_3d:
+            return plan
+        return self.adapt_configuration(plan, median_shape, approximate_n_voxels_dataset)
+
+    def save_plans(self, plans: dict) -> None:
+        configurations = plans["configurations"]
+        if not self.supports_2d:
+            configurations.pop("2d", None)
+        if "3d_fullres" in configurations:
+            configurations[TINY_CONFIGURATION] = self.tiny_configuration(configurations["3d_fullres"])
+        plans["nnyseg"] = {
+            "version": nnyseg.__version__,
+            "planner": type(self).__name__,
+            "changes_from_nnunet_defaults": list(self.changes),
+            "tiny_preset": f"'{TINY_CONFIGURATION}' is a reduced configuration for CPU demos and tests only",
+        }
+        super().save_plans(plans)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Adaptation
+    # ----------------------------------------------------------------------------------------------------------
+    def estimate_memory(self, patch_size: list[int], architecture: dict) -> float:
+        """The architecture's own feature-map estimate, as nnU-Net's planner computes it for its U-Nets."""
+        return self.static_estimate_VRAM_usage(
+            tuple(patch_size),
+            len(self.dataset_json["channel_names"]),
+            len(self.dataset_json["labels"]),
+            architecture["network_class_name"],
+            architecture["arch_kwargs"],
+            tuple(architecture["_kw_requires_import"]),
+        )
+
+    def adapt_configuration(self, plan: dict, median_shape, approximate_n_voxels_dataset: float) -> dict:
+        """Re-plan one 3D configuration for this architecture (see the module docstring)."""
+        spacing = [float(s) for s in plan["spacing"]]
+        median = [float(m) for m in median_shape]
+        patch, architecture = self.topology(spacing, list(plan["patch_size"]))
+        reference = self.UNet_reference_val_3d * (self.UNet_vram_target_GB / self.UNet_reference_val_corresp_GB)
+        ref_bs = self.UNet_reference_val_corresp_bs_3d
+        estimate = self.estimate_memory(patch, architecture)
+        while estimate / ref_bs * 2 > reference:
+            order = np.argsort([p / m for p, m in zip(patch, median)])[::-1]
+            for axis in order:
+                smaller = self.reduce_axis(spacing, patch, int(axis))
+                if smaller is not None:
+                    break
+            else:
+                break  # nothing left to reduce: keep the smallest valid patch
+            patch, architecture = self.topology(spacing, smaller)
+            estimate = self.estimate_memory(patch, architecture)
+        batch_size = round(reference / estimate * ref_bs)
+        batch_cap = round(approximate_n_voxels_dataset * self.max_dataset_covered / np.prod(patch, dtype=np.float64))
+        plan = dict(plan)
+        plan["patch_size"] = patch
+        plan["batch_size"] = int(max(min(batch_size, batch_cap), self.UNet_min_batch_size))
+        plan["architecture"] = architecture
+        return plan
+
+    def tiny_configuration(self, fullres: dict) -> dict:
+        """The tiny CPU preset: inherits 3d_fullres's data and preprocessing; small patch, narrow net, short run."""
+        spacing = [float(s) for s in fullres["spacing"]]
+        patch = [int(p) for p in fullres["patch_size"]]
+        while np.prod(patch) > self.tiny_max_patch_voxels:
+            axis = int(np.argmax(patch))
+            patch[axis] = max(8, patch[axis] // 2)
+        patch, architecture = self.topology(spacing, patch, tiny=True)
+        return {
+            "inherits_from": "3d_fullres",
+            "patch_size": patch,
+            "batch_size": self.tiny_batch_size,
+            "architecture": architecture,
+            PLANS_SETTINGS_KEY: deepcopy(self.tiny_trainer_settings),
+        }
+
+
+class nnysegBaselinePlanner(nnysegPlannerBase):
+    """nnU-Net's default PlainConvUNet plans, unchanged, plus the tiny CPU preset of the same network.
+
+    This is the baseline every nnyseg architecture is compared with; train it with ``-tr nnysegTrainer``.
+    """
+
+    default_plans_name = "nnysegBaselinePlans"
+    supports_2d = True
+    adapts_3d = False
+    changes = (
+        "2d, 3d_fullres, 3d_lowres: identical to nnU-Net's default ExperimentPlanner (PlainConvUNet)",
+        f"adds {TINY_CONFIGURATION}: PlainConvUNet with widths 8..64, patch <= 32x64x64 voxels, batch 2, "
+        "10 epochs x 20 iterations",
+    )
+
+    def topology(self, spacing: list[float], patch_size: list[int], *, tiny: bool = False) -> tuple[list[int], dict]:
+        patch, kernels, strides = conv_unet_topology(spacing, patch_size)
+        n = len(strides)
+        base, maximum = (8, 64) if tiny else (self.UNet_base_num_features, self.UNet_max_features_3d)
+        return patch, {
+            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {
+                "n_stages": n,
+                "features_per_stage": features_per_stage(n, base, maximum),
+                "conv_op": CONV3D,
+                "kernel_sizes": kernels,
+                "strides": strides,
+                "n_conv_per_stage": [2] * n,
+                "n_conv_per_stage_decoder": [2] * (n - 1),
+                "conv_bias": True,
+                "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+                "dropout_op": None,
+                "dropout_op_kwargs": None,
+                "nonlin": "torch.nn.LeakyReLU",
+                "nonlin_kwargs": {"inplace": True},
+            },
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+        }
+
+
+#: Planner name -> class, for ``nnyseg plan_and_preprocess -pl NAME``. Explicit, filled in one place.
+PLANNERS: dict[str, type[nnysegPlannerBase]] = {
+    cls.__name__: cls for cls in (nnysegBaselinePlanner,)
+}

@@ -1,0 +1,193 @@
+"""The trainer every nnyseg method derives from.
+
+nnU-Net identifies a trained model by ``<trainer>__<plans>__<configuration>``. nnyseg keeps one trainer class per
+method and reads every hyperparameter from a settings dict instead of growing one subclass per value:
+
+* the class attribute :attr:`nnysegTrainer.settings` holds the method's recipe (a subclass only sets this dict and
+  overrides the hooks its method needs: loss, optimiser);
+* a configuration in the plans may override entries under the key ``"nnyseg_trainer_settings"``. The tiny CPU preset
+  (configuration ``3d_fullres_tiny``) uses this for its short schedule. Because the configuration name is part of
+  the results folder, every run stays identifiable, which is the reason nnU-Net gives for not reading
+  hyperparameters from the command line.
+
+The network is built from the plans as in nnU-Net, and its patch size is checked against what the network can
+take before any data is loaded, so a bad plans edit fails with a message naming the plans and configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+#: Key of a plans configuration under which per-configuration trainer overrides live.
+PLANS_SETTINGS_KEY = "nnyseg_trainer_settings"
+
+#: nnU-Net's own recipe (``nnUNetTrainer.__init__`` and ``configure_optimizers`` in nnunetv2 2.8).
+NNUNET_DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType(
+    {
+        "num_epochs": 1000,
+        "num_iterations_per_epoch": 250,
+        "num_val_iterations_per_epoch": 50,
+        "initial_lr": 1e-2,
+        "weight_decay": 3e-5,
+        "oversample_foreground_percent": 0.33,
+        "enable_deep_supervision": True,
+        "save_every": 50,
+        "optimizer": "sgd",  # sgd (momentum 0.99, Nesterov) | adam | adamw
+        "momentum": 0.99,
+        "lr_schedule": "poly",  # poly (exponent 0.9) | constant | step
+        "lr_step_size": 30,  # epochs between decays, for lr_schedule "step"
+        "lr_step_gamma": 0.8,  # factor per decay, for lr_schedule "step"
+    }
+)
+
+# Settings that map one to one onto nnUNetTrainer attributes of the same name.
+_NNUNET_ATTRIBUTES = (
+    "num_epochs",
+    "num_iterations_per_epoch",
+    "num_val_iterations_per_epoch",
+    "initial_lr",
+    "weight_decay",
+    "oversample_foreground_percent",
+    "enable_deep_supervision",
+    "save_every",
+)
+_CHOICES = {"optimizer": ("sgd", "adam", "adamw"), "lr_schedule": ("poly", "constant", "step")}
+
+
+def resolve_settings(
+    defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None, *, source: str = "plans"
+) -> dict[str, Any]:
+    """Merge ``overrides`` into ``defaults`` and validate the result.
+
+    Args:
+        defaults: The trainer class's settings.
+        overrides: Entries from the plans configuration (may be None).
+        source: Where the overrides come from, for error messages.
+
+    Raises:
+        ValueError: An override names an unknown setting, or a choice or number is out of range.
+    """
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"{source}: unknown nnyseg trainer setting(s) {unknown}; known settings are {sorted(defaults)}")
+    settings = {**defaults, **overrides}
+    for key, choices in _CHOICES.items():
+        if settings[key] not in choices:
+            raise ValueError(f"{source}: {key}={settings[key]!r} is not one of {choices}")
+    for key in ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every"):
+        if not isinstance(settings[key], int) or settings[key] < 1:
+            raise ValueError(f"{source}: {key} must be a positive integer, got {settings[key]!r}")
+    if not settings["initial_lr"] > 0:
+        raise ValueError(f"{source}: initial_lr must be > 0, got {settings['initial_lr']!r}")
+    return settings
+
+
+def check_patch_size_for_network(
+    network: nn.Module, patch_size: list[int] | tuple[int, ...], strides: list | None, *, where: str
+) -> None:
+    """Raise a ValueError if ``network`` cannot take ``patch_size``, before any compute.
+
+    Networks that know their own constraint expose ``check_patch_size(patch_size)``; for the others (nnU-Net's
+    PlainConvUNet and ResidualEncoderUNet) each axis must be divisible by the product of the strides along it.
+    """
+    checker = getattr(network, "check_patch_size", None)
+    if callable(checker):
+        try:
+            checker(tuple(int(p) for p in patch_size))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+        return
+    if strides:
+        divisors = np.prod(np.asarray(strides, dtype=int), axis=0)
+        bad = [i for i, (p, d) in enumerate(zip(patch_size, divisors)) if p % d]
+        if bad:
+            nearest = [max(int(d), int(round(p / d)) * int(d)) for p, d in zip(patch_size, divisors)]
+            raise ValueError(
+                f"{where}: patch size {list(patch_size)} cannot be processed by {type(network).__name__}: axis "
+                f"{bad} not divisible by the total stride {divisors.tolist()}; nearest valid patch size: {nearest}"
+            )
+
+
+class nnysegTrainer(nnUNetTrainer):
+    """nnU-Net's trainer with settings from a dict and plans, a patch-size check, and a choice of optimisers.
+
+    With its default settings it trains exactly nnU-Net's recipe, so it is also the trainer for the PlainConvUNet
+    baseline plans (``nnysegBaselinePlans``).
+    """
+
+    settings: Mapping[str, Any] = NNUNET_DEFAULT_SETTINGS
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),  # noqa: B008 - the signature must match nnUNetTrainer's
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        overrides = self.configuration_manager.configuration.get(PLANS_SETTINGS_KEY)
+        source = f"plans '{self.plans_manager.plans_name}', configuration '{configuration}'"
+        self.resolved_settings = resolve_settings(type(self).settings, overrides, source=source)
+        for name in _NNUNET_ATTRIBUTES:
+            setattr(self, name, self.resolved_settings[name])
+        self.print_to_log_file(f"nnyseg trainer settings ({type(self).__name__}): {self.resolved_settings}")
+
+    @staticmethod
+    def build_network_architecture(
+        plans_manager: PlansManager,
+        configuration_manager: ConfigurationManager,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ) -> nn.Module:
+        network = nnUNetTrainer.build_network_architecture(
+            plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision
+        )
+        where = f"plans '{plans_manager.plans_name}' ({configuration_manager.network_arch_class_name})"
+        check_patch_size_for_network(
+            network, configuration_manager.patch_size, configuration_manager.pool_op_kernel_sizes, where=where
+        )
+        return network
+
+    def configure_optimizers(self):
+        s = self.resolved_settings
+        params = self.network.parameters()
+        if s["optimizer"] == "sgd":
+            optimizer = torch.optim.SGD(
+                params, s["initial_lr"], weight_decay=s["weight_decay"], momentum=s["momentum"], nesterov=True
+            )
+        elif s["optimizer"] == "adamw":
+            optimizer = torch.optim.AdamW(params, s["initial_lr"], weight_decay=s["weight_decay"])
+        else:
+            optimizer = torch.optim.Adam(params, s["initial_lr"], weight_decay=s["weight_decay"])
+
+        if s["lr_schedule"] == "poly":
+            scheduler = PolyLRScheduler(optimizer, s["initial_lr"], self.num_epochs)
+        elif s["lr_schedule"] == "step":
+            scheduler = _EpochStepLR(optimizer, s["lr_step_size"], s["lr_step_gamma"])
+        else:
+            scheduler = _EpochStepLR(optimizer, step_size=self.num_epochs + 1, gamma=1.0)
+        return optimizer, scheduler
+
+
+class _EpochStepLR(torch.optim.lr_scheduler.StepLR):
+    """StepLR that accepts nnU-Net's ``step(current_epoch)`` call (nnU-Net passes the epoch explicitly)."""
+
+    def step(self, current_step: int | None = None) -> None:
+        if current_step is None:
+            super().step()
+            return
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * self.gamma ** (current_step // self.step_size)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
