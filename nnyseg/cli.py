@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="raw folder to write into (default: $nnUNet_raw)")
     p.add_argument("--num-training", type=int, default=8, help="training cases (default: %(default)s)")
     p.add_argument("--num-test", type=int, default=2, help="test cases in imagesTs/labelsTs (default: %(default)s)")
-    p.add_argument("--preset", default="tiny", help="grid: micro, tiny, small, clinical, lits_like (default: %(default)s)")
+    p.add_argument(
+        "--preset", default="tiny", help="grid: micro, tiny, small, clinical, lits_like (default: %(default)s)"
+    )
     p.add_argument("--phase", default="portal", help="native, portal or arterial (default: %(default)s)")
     p.add_argument("--direction", default="identity", help="identity, flipped or oblique (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default: %(default)s)")
@@ -144,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--models",
         nargs="+",
         default=None,
-        help="which tiny models to train (default: the PlainConvUNet baseline and every nnyseg architecture)",
+        choices=["baseline", "elanres", "nnynet"],
+        help="tiny models to train (default: baseline elanres)",
     )
     p.add_argument("--keep", action="store_true", help="reuse an existing work folder instead of starting afresh")
     p.set_defaults(func=_cmd_demo)

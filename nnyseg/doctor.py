@@ -33,14 +33,14 @@ def check_torch_stack() -> list[Check]:
         import torch
 
         checks.append(Check("torch", "ok", f"torch {torch.__version__}"))
-    except Exception as e:  # noqa: BLE001 - report whatever breaks the import
+    except Exception as e:
         return [Check("torch", "fail", f"import torch failed: {e}", "pip install torch==2.14.1 torchvision==0.29.1")]
     try:
         import torchvision
 
         torchvision.ops.nms  # noqa: B018 - touching the op loads torchvision's C++ extension
         checks.append(Check("torchvision", "ok", f"torchvision {torchvision.__version__} matches torch"))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         checks.append(
             Check(
                 "torchvision",
@@ -53,7 +53,7 @@ def check_torch_stack() -> list[Check]:
     try:
         importlib.import_module("timm")
         checks.append(Check("timm", "ok", f"timm {metadata.version('timm')}"))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         checks.append(Check("timm", "fail", f"import timm failed: {e}", "pip install 'timm<1.0.23'"))
     return checks
 
@@ -66,7 +66,9 @@ def check_nnunet() -> Check:
         return Check("nnunetv2", "fail", "nnunetv2 is not installed", "pip install 'nnunetv2>=2.8.1,<2.9'")
     major_minor = tuple(int(p) for p in version.split(".")[:2])
     if major_minor != (2, 8):
-        return Check("nnunetv2", "fail", f"nnunetv2 {version}; nnyseg needs 2.8.x", "pip install 'nnunetv2>=2.8.1,<2.9'")
+        return Check(
+            "nnunetv2", "fail", f"nnunetv2 {version}; nnyseg needs 2.8.x", "pip install 'nnunetv2>=2.8.1,<2.9'"
+        )
     return Check("nnunetv2", "ok", f"nnunetv2 {version}")
 
 
@@ -96,7 +98,9 @@ def check_trainer_folder(environ: dict[str, str] | os._Environ) -> Check:
     if visible:
         return Check("nnUNet_extTrainer", "ok", f"contains {TRAINER_DIR} ({how})")
     if environ.get("NNYSEG_NO_AUTO_EXT_TRAINER", "") not in ("", "0"):
-        return Check("nnUNet_extTrainer", "fail", "the start-up hook is switched off (NNYSEG_NO_AUTO_EXT_TRAINER)", manual)
+        return Check(
+            "nnUNet_extTrainer", "fail", "the start-up hook is switched off (NNYSEG_NO_AUTO_EXT_TRAINER)", manual
+        )
     if sys.flags.no_site:
         return Check("nnUNet_extTrainer", "fail", "Python runs with -S, so the start-up hook did not run", manual)
     if not pth.is_file():
@@ -117,7 +121,7 @@ def check_trainer_lookup(name: str = "nnysegTrainer") -> Check:
         import nnyseg.trainers
 
         found = recursive_find_trainer_class_by_name(name)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return Check("trainer lookup", "fail", f"nnU-Net's lookup of {name} failed: {type(e).__name__}: {e}")
     if found is not getattr(nnyseg.trainers, name):
         return Check("trainer lookup", "fail", f"nnU-Net found {found!r}, not nnyseg.trainers.{name}")
@@ -131,7 +135,9 @@ def check_device() -> Check:
         return Check("device", "ok", f"CUDA: {torch.cuda.get_device_name(0)}")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return Check("device", "ok", "Apple MPS (pass -device mps)")
-    return Check("device", "warn", "no GPU: pass -device cpu to nnUNetv2_train/predict; only the tiny preset is practical")
+    return Check(
+        "device", "warn", "no GPU: pass -device cpu to nnUNetv2_train/predict; only the tiny preset is practical"
+    )
 
 
 def run_checks(environ: dict[str, str] | os._Environ | None = None, *, lookup: bool = True) -> list[Check]:

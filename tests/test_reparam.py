@@ -142,9 +142,7 @@ def _warm_up_statistics(net: nn.Module, shape: tuple[int, ...], seed: int) -> No
 )
 def test_network_fused_equals_unfused(patch, kernels, strides, msca_mode):
     torch.manual_seed(4)
-    net = ELANResMSCAUNet(
-        1, 3, (4, 8, 16), nn.Conv3d, kernels, strides, 3, deep_supervision=True, msca_mode=msca_mode
-    )
+    net = ELANResMSCAUNet(1, 3, (4, 8, 16), nn.Conv3d, kernels, strides, 3, deep_supervision=True, msca_mode=msca_mode)
     net.apply(net.initialize)
     _warm_up_statistics(net, (2, 1, *patch), seed=5)
     net.eval()

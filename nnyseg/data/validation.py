@@ -30,9 +30,7 @@ class DatasetError(ValueError):
         self.problems = list(problems)
         shown = self.problems[:25]
         more = f"\n  ... and {len(self.problems) - len(shown)} more" if len(self.problems) > len(shown) else ""
-        super().__init__(
-            f"{self.dataset}: {len(self.problems)} problem(s):\n  - " + "\n  - ".join(shown) + more
-        )
+        super().__init__(f"{self.dataset}: {len(self.problems)} problem(s):\n  - " + "\n  - ".join(shown) + more)
 
 
 def nnunet_raw_folder() -> Path:
@@ -96,7 +94,7 @@ def load_dataset_json(folder: Path) -> dict:
     elif "labels" in data:
         problems.append("'labels' must be an object mapping names to label values")
     if "channel_names" in data and (not isinstance(data["channel_names"], dict) or not data["channel_names"]):
-        problems.append("'channel_names' must be a non-empty object like {\"0\": \"CT\"}")
+        problems.append('\'channel_names\' must be a non-empty object like {"0": "CT"}')
     if "numTraining" in data and (not isinstance(data["numTraining"], int) or data["numTraining"] < 1):
         problems.append("'numTraining' must be a positive integer")
     if problems:
@@ -127,10 +125,12 @@ def compare_geometry(image: Path, label: Path) -> list[str]:
     """Problems (empty if none) between an image's and a label's grid: size, spacing, origin, direction."""
     gi, gl = _geometry(_read_info(image)), _geometry(_read_info(label))
     problems = []
-    for name, a, b in zip(("size", "spacing", "origin", "direction"), gi, gl):
+    for name, a, b in zip(("size", "spacing", "origin", "direction"), gi, gl, strict=False):
         same = a == b if name == "size" else np.allclose(a, b, rtol=_RTOL, atol=_ATOL)
         if not same:
-            problems.append(f"{label.name}: {name} {tuple(np.round(b, 5))} differs from {image.name}'s {tuple(np.round(a, 5))}")
+            problems.append(
+                f"{label.name}: {name} {tuple(np.round(b, 5))} differs from {image.name}'s {tuple(np.round(a, 5))}"
+            )
     return problems
 
 
@@ -172,14 +172,14 @@ def validate_raw_dataset(dataset: int | str | Path, *, check_intensities: bool =
 
     allowed = declared_label_values(dataset_json)
     for case_id, label_path in tqdm(
-        list(zip(case_ids, labels)), desc=f"checking {folder.name}", disable=not progress, leave=False
+        list(zip(case_ids, labels, strict=False)), desc=f"checking {folder.name}", disable=not progress, leave=False
     ):
         channels = [images_dir / f"{case_id}_{i:04d}{ending}" for i in range(n_channels)]
         channels = [c for c in channels if c.is_file()]
         try:
             for image_path in channels:
                 problems.extend(compare_geometry(image_path, label_path))
-            label = sitk.GetArrayViewFromImage(sitk.ReadImage(str(label_path)))
+            label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
             if np.issubdtype(label.dtype, np.floating) and not np.all(np.isfinite(label)):
                 problems.append(f"labelsTr/{label_path.name}: contains NaN or infinite values")
             else:
@@ -192,7 +192,7 @@ def validate_raw_dataset(dataset: int | str | Path, *, check_intensities: bool =
             if check_intensities:
                 for image_path in channels:
                     if _read_info(image_path).GetPixelID() in _FLOAT_PIXELS:
-                        array = sitk.GetArrayViewFromImage(sitk.ReadImage(str(image_path)))
+                        array = sitk.GetArrayFromImage(sitk.ReadImage(str(image_path)))
                         n_bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
                         if n_bad:
                             problems.append(f"imagesTr/{image_path.name}: {n_bad} NaN or infinite voxel(s)")

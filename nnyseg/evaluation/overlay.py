@@ -27,7 +27,7 @@ def _centre(label: np.ndarray) -> tuple[int, int, int]:
             components, n = ndimage.label(mask)
             sizes = ndimage.sum_labels(mask, components, index=np.arange(1, n + 1))
             largest = components == (int(np.argmax(sizes)) + 1)
-            return tuple(int(round(c)) for c in ndimage.center_of_mass(largest))
+            return tuple(round(c) for c in ndimage.center_of_mass(largest))
     return tuple(s // 2 for s in label.shape)
 
 
@@ -58,8 +58,10 @@ def save_overlay(
     img_sitk = sitk.ReadImage(str(image))
     sx, sy, sz = img_sitk.GetSpacing()
     img = sitk.GetArrayFromImage(img_sitk).astype(np.float32)
-    labels = {"ground truth": sitk.GetArrayFromImage(sitk.ReadImage(str(gt))),
-              "prediction": sitk.GetArrayFromImage(sitk.ReadImage(str(pred)))}
+    labels = {
+        "ground truth": sitk.GetArrayFromImage(sitk.ReadImage(str(gt))),
+        "prediction": sitk.GetArrayFromImage(sitk.ReadImage(str(pred))),
+    }
     z, y, _ = _centre(labels["ground truth"])
     views = {"axial": (lambda a: a[z], sy / sx), "coronal": (lambda a: a[:, y, :][::-1], sz / sx)}
 

@@ -67,11 +67,29 @@ class PlainConvBlock(nn.Module):
         in_channels: Input channels.
         out_channels: Output channels of both layers.
         kernel_size: Kernel of both layers.
-        **ops: ``conv_op``, ``norm_op``, ``norm_op_kwargs``, ``nonlin``, ``nonlin_kwargs`` of ``ConvNormAct``.
+        conv_op: Convolution class.
+        norm_op: Norm class.
+        norm_op_kwargs: Keyword arguments of ``norm_op``.
+        nonlin: Nonlinearity class.
+        nonlin_kwargs: Keyword arguments of ``nonlin``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int], **ops) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        *,
+        conv_op: type[_ConvNd] = nn.Conv3d,
+        norm_op: type[nn.Module] | None = nn.BatchNorm3d,
+        norm_op_kwargs: dict | None = None,
+        nonlin: type[nn.Module] | None = nn.LeakyReLU,
+        nonlin_kwargs: dict | None = None,
+    ) -> None:
         super().__init__()
+        ops = dict(
+            conv_op=conv_op, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs
+        )
         self.convs = nn.Sequential(
             ConvNormAct(in_channels, out_channels, kernel_size, **ops),
             ConvNormAct(out_channels, out_channels, kernel_size, **ops),
@@ -88,6 +106,7 @@ class PlainConvBlock(nn.Module):
 def _stage_block(
     in_channels: int, out_channels: int, kernel_size: Sequence[int], *, use_elanres: bool, repconv_depth: int, **ops
 ) -> nn.Module:
+    """Builds a stage's main block: ``ELANResBlock`` or, for the plain ablation, ``PlainConvBlock``."""
     if use_elanres:
         return ELANResBlock(in_channels, out_channels, kernel_size, repconv_depth=repconv_depth, **ops)
     return PlainConvBlock(in_channels, out_channels, kernel_size, **ops)

@@ -50,6 +50,14 @@ def _planner_name(argv: Sequence[str]) -> str | None:
     return argv[argv.index("-pl") + 1] if "-pl" in argv and argv.index("-pl") + 1 < len(argv) else None
 
 
+def _nnunet_has_planner(name: str) -> bool:
+    import nnunetv2
+    from nnunetv2.experiment_planning import plan_and_preprocess_api as api
+
+    folder = os.path.join(nnunetv2.__path__[0], "experiment_planning")
+    return api.recursive_find_python_class(folder, name, current_module="nnunetv2.experiment_planning") is not None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Validate the datasets, then run ``nnUNetv2_plan_and_preprocess`` with nnyseg's planners visible."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -57,15 +65,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         from nnyseg.data.validation import validate_raw_dataset
 
         planner = _planner_name(argv)
-        if planner is not None and planner not in PLANNERS and not planner.startswith(("nnUNet", "Experiment", "ResEnc")):
-            print(f"note: '{planner}' is not an nnyseg planner; nnyseg planners: {sorted(PLANNERS)}")
+        if planner is not None and planner not in PLANNERS and not _nnunet_has_planner(planner):
+            # nnU-Net itself would fail later with "'NoneType' object is not callable".
+            raise ValueError(
+                f"unknown planner '{planner}': nnyseg planners are {sorted(PLANNERS)}; nnU-Net's are in "
+                "nnunetv2/experiment_planning (e.g. ExperimentPlanner, nnUNetPlannerResEncM)"
+            )
         for dataset_id in _dataset_ids(argv):
             validate_raw_dataset(dataset_id)
     from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry
 
     old_argv = sys.argv
     sys.argv = ["nnyseg plan_and_preprocess", *argv]
-    os.environ.setdefault("nnUNet_def_n_proc", str(min(8, os.cpu_count() or 1)))
     try:
         with nnyseg_planners_visible():
             plan_and_preprocess_entry()

@@ -58,6 +58,8 @@ class nnysegPlannerBase(ExperimentPlanner):
 
     #: Plans name written when ``-overwrite_plans_name`` is not given.
     default_plans_name: ClassVar[str] = "nnysegBaselinePlans"
+    #: Dotted path of the network class nnU-Net builds from these plans.
+    network_class_name: ClassVar[str] = ""
     #: Whether the architecture also has a 2D form; 3D-only architectures drop nnU-Net's ``2d`` configuration.
     supports_2d: ClassVar[bool] = False
     #: Whether the 3D configurations are re-planned for the architecture (False keeps nnU-Net's PlainConvUNet plan).
@@ -74,6 +76,10 @@ class nnysegPlannerBase(ExperimentPlanner):
     }
     #: What this preset changes relative to nnU-Net's default plans, for ``plans/`` and the plans' ``nnyseg`` block.
     changes: ClassVar[tuple[str, ...]] = ()
+    #: nnU-Net's 3D widths (``UNet_base_num_features``, ``UNet_max_features_3d``), as class constants so that
+    #: :meth:`topology` needs no dataset (benchmarks and tests build networks from it directly).
+    base_features: ClassVar[int] = 32
+    max_features: ClassVar[int] = 320
 
     def __init__(
         self,
@@ -96,13 +102,14 @@ class nnysegPlannerBase(ExperimentPlanner):
     # ----------------------------------------------------------------------------------------------------------
     # Architecture hooks
     # ----------------------------------------------------------------------------------------------------------
-    def topology(self, spacing: list[float], patch_size: list[int], *, tiny: bool = False) -> tuple[list[int], dict]:
+    @classmethod
+    def topology(cls, spacing: list[float], patch_size: list[int], *, tiny: bool = False) -> tuple[list[int], dict]:
         """Return a patch size the architecture can take, close to ``patch_size``, and its architecture block.
 
         The block is the plans' ``architecture`` entry: ``network_class_name``, ``arch_kwargs`` (which must hold
         ``strides``, read back by nnU-Net for deep supervision) and ``_kw_requires_import``.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{cls.__name__} does not define topology()")
 
     def reduce_axis(self, spacing: list[float], patch_size: list[int], axis: int) -> list[int] | None:
         """Return a smaller patch along ``axis`` (before :meth:`topology` re-validates it), or None if impossible."""
@@ -177,7 +184,7 @@ class nnysegPlannerBase(ExperimentPlanner):
         ref_bs = self.UNet_reference_val_corresp_bs_3d
         estimate = self.estimate_memory(patch, architecture)
         while estimate / ref_bs * 2 > reference:
-            order = np.argsort([p / m for p, m in zip(patch, median)])[::-1]
+            order = np.argsort([p / m for p, m in zip(patch, median, strict=False)])[::-1]
             for axis in order:
                 smaller = self.reduce_axis(spacing, patch, int(axis))
                 if smaller is not None:
@@ -218,6 +225,7 @@ class nnysegBaselinePlanner(nnysegPlannerBase):
     """
 
     default_plans_name = "nnysegBaselinePlans"
+    network_class_name: ClassVar[str] = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
     supports_2d = True
     adapts_3d = False
     changes = (
@@ -226,12 +234,13 @@ class nnysegBaselinePlanner(nnysegPlannerBase):
         "10 epochs x 20 iterations",
     )
 
-    def topology(self, spacing: list[float], patch_size: list[int], *, tiny: bool = False) -> tuple[list[int], dict]:
+    @classmethod
+    def topology(cls, spacing: list[float], patch_size: list[int], *, tiny: bool = False) -> tuple[list[int], dict]:
         patch, kernels, strides = conv_unet_topology(spacing, patch_size)
         n = len(strides)
-        base, maximum = (8, 64) if tiny else (self.UNet_base_num_features, self.UNet_max_features_3d)
+        base, maximum = (8, 64) if tiny else (cls.base_features, cls.max_features)
         return patch, {
-            "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "network_class_name": cls.network_class_name,
             "arch_kwargs": {
                 "n_stages": n,
                 "features_per_stage": features_per_stage(n, base, maximum),
@@ -252,7 +261,137 @@ class nnysegBaselinePlanner(nnysegPlannerBase):
         }
 
 
+class ELANResMSCAPlanner(nnysegPlannerBase):
+    """ELANRes-MSCA-UNet on nnU-Net's planned topology (architectures.md section 4.4).
+
+    Stages, strides and kernels come from nnU-Net's conv U-Net rule for the fingerprint's spacing; widths are the
+    spec's 32 ... 320. The network's own feature-map count (RepConv branches, ELAN concatenations, MSCA) drives the
+    patch and batch size against nnU-Net's memory reference.
+    """
+
+    default_plans_name = "ELANResMSCAPlans"
+    network_class_name: ClassVar[str] = "nnyseg.network_architecture.elanres_msca_unet.ELANResMSCAUNet"
+    changes = (
+        "3d_fullres: network ELANResMSCAUNet (ELANRes blocks with RepConv, MSCA from stage 1, BatchNorm) on nnU-Net's "
+        "planned stages/strides/kernels, widths 32..320",
+        "3d_fullres: patch and batch size re-derived with ELANResMSCAUNet's own memory estimate (smaller than "
+        "PlainConvUNet's: its training-time branches hold about 3.5x the feature maps)",
+        "2d dropped (3D-only network); 3d_lowres re-planned the same way when nnU-Net creates it",
+        f"adds {TINY_CONFIGURATION}: widths 8..64, patch <= 32x64x64 voxels, batch 2, 10 epochs x 20 iterations",
+    )
+
+    @classmethod
+    def topology(cls, spacing: list[float], patch_size: list[int], *, tiny: bool = False) -> tuple[list[int], dict]:
+        patch, kernels, strides = conv_unet_topology(spacing, patch_size)
+        n = len(strides)
+        base, maximum = (8, 64) if tiny else (cls.base_features, cls.max_features)
+        return patch, {
+            "network_class_name": cls.network_class_name,
+            "arch_kwargs": {
+                "n_stages": n,
+                "features_per_stage": features_per_stage(n, base, maximum),
+                "conv_op": CONV3D,
+                "kernel_sizes": kernels,
+                "strides": strides,
+                "use_elanres": True,
+                "use_msca": True,
+                "msca_mode": "slice2d",
+                "repconv_depth": 2,
+                "norm": "batch",
+            },
+            "_kw_requires_import": ["conv_op"],
+        }
+
+
+class nnYNetPlanner(nnysegPlannerBase):
+    """nnY-Net (Swin-NeXt + bottleneck cross-attention; architectures.md sections 1 and 2.3).
+
+    The Swin encoder has a fixed topology: a stride-2 patch embedding and four 2x2x2 patch mergings, so the plans
+    carry ``strides = [[1,1,1]] + 5 x [[2,2,2]]`` (deep supervision at 1 ... 1/16) and every patch axis must be a
+    multiple of 32. nnU-Net's patch is rounded to multiples of 32, then shrunk by 32 along the axis largest relative
+    to the median shape while the network's memory estimate exceeds the reference.
+    """
+
+    default_plans_name = "nnYNetPlans"
+    network_class_name: ClassVar[str] = "nnyseg.network_architecture.swin_next.SwinNeXtUNet"
+    divisor: ClassVar[int] = 32
+    changes = (
+        "3d_fullres: network SwinNeXtUNet (Swin encoder F=48, depths 2-2-2-2, heads 3-6-12-24, window 7; MedNeXt "
+        "decoder; bottleneck cross-attention in 'latent' mode)",
+        "3d_fullres: isotropic 2x2x2 pooling (strides [[1,1,1]] + 5 x [[2,2,2]]) and every patch axis a multiple "
+        "of 32, whatever the spacing; patch and batch size re-derived with the network's own memory estimate",
+        "2d dropped (3D-only network); 3d_lowres re-planned the same way when nnU-Net creates it",
+        f"adds {TINY_CONFIGURATION}: F=12, depths 1-1-1-1, window 4, one decoder block per level, patch <= 32x64x64 "
+        "voxels (multiples of 32), batch 2, 10 epochs x 20 iterations",
+    )
+
+    @classmethod
+    def topology(cls, spacing: list[float], patch_size: list[int], *, tiny: bool = False) -> tuple[list[int], dict]:
+        d = cls.divisor
+        patch = [max(d, int(p / d + 0.5) * d) for p in patch_size]
+        kwargs: dict[str, Any] = {"strides": [[1, 1, 1]] + [[2, 2, 2]] * 5, "cross_attention": "latent"}
+        if tiny:
+            kwargs.update(
+                feature_size=12,
+                depths=[1, 1, 1, 1],
+                num_heads=[1, 2, 4, 8],
+                window_size=4,
+                decoder_blocks=1,
+                decoder_expansion=[2, 2, 2, 2, 2],
+                ca_heads=2,
+            )
+        else:
+            kwargs.update(
+                feature_size=48,
+                depths=[2, 2, 2, 2],
+                num_heads=[3, 6, 12, 24],
+                window_size=7,
+                decoder_blocks=2,
+                decoder_expansion=[4, 4, 4, 3, 2],
+                ca_heads=12,
+            )
+        return patch, {"network_class_name": cls.network_class_name, "arch_kwargs": kwargs, "_kw_requires_import": []}
+
+    def reduce_axis(self, spacing: list[float], patch_size: list[int], axis: int) -> list[int] | None:
+        if patch_size[axis] <= self.divisor:
+            return None
+        smaller = list(patch_size)
+        smaller[axis] -= self.divisor
+        return smaller
+
+
 #: Planner name -> class, for ``nnyseg plan_and_preprocess -pl NAME``. Explicit, filled in one place.
 PLANNERS: dict[str, type[nnysegPlannerBase]] = {
-    cls.__name__: cls for cls in (nnysegBaselinePlanner,)
+    cls.__name__: cls for cls in (nnysegBaselinePlanner, ELANResMSCAPlanner, nnYNetPlanner)
 }
+
+
+def build_network_for_patch(
+    planner: type[nnysegPlannerBase],
+    patch_size: list[int] | tuple[int, ...],
+    *,
+    spacing: list[float] | tuple[float, ...] | None = None,
+    tiny: bool = False,
+    input_channels: int = 1,
+    num_classes: int = 2,
+    deep_supervision: bool = True,
+):
+    """Build ``planner``'s network for a patch exactly as nnU-Net would from plans, without a dataset.
+
+    Used by the benchmarks and tests. Returns ``(network, patch_size, architecture)``; the patch may be adjusted to
+    one the architecture can take (``topology``).
+    """
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    spacing = [1.0] * len(patch_size) if spacing is None else [float(s) for s in spacing]
+    patch, architecture = planner.topology(spacing, list(patch_size), tiny=tiny)
+    network = get_network_from_plans(
+        architecture["network_class_name"],
+        architecture["arch_kwargs"],
+        architecture["_kw_requires_import"],
+        input_channels,
+        num_classes,
+        allow_init=True,
+        deep_supervision=deep_supervision,
+    )
+    return network, patch, architecture

@@ -16,6 +16,7 @@ take before any data is loaded, so a bad plans edit fails with a message naming 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -79,7 +80,9 @@ def resolve_settings(
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
-        raise ValueError(f"{source}: unknown nnyseg trainer setting(s) {unknown}; known settings are {sorted(defaults)}")
+        raise ValueError(
+            f"{source}: unknown nnyseg trainer setting(s) {unknown}; known settings are {sorted(defaults)}"
+        )
     settings = {**defaults, **overrides}
     for key, choices in _CHOICES.items():
         if settings[key] not in choices:
@@ -97,21 +100,24 @@ def check_patch_size_for_network(
 ) -> None:
     """Raise a ValueError if ``network`` cannot take ``patch_size``, before any compute.
 
-    Networks that know their own constraint expose ``check_patch_size(patch_size)``; for the others (nnU-Net's
-    PlainConvUNet and ResidualEncoderUNet) each axis must be divisible by the product of the strides along it.
+    Networks that know their own constraint expose ``check_patch_size(patch_size[, strides])``; for the others
+    (nnU-Net's PlainConvUNet and ResidualEncoderUNet) each axis must be divisible by the product of the strides.
     """
     checker = getattr(network, "check_patch_size", None)
     if callable(checker):
+        patch = tuple(int(p) for p in patch_size)
+        # Fixed-topology networks check the patch alone; plan-driven ones need the strides too.
+        takes_strides = len(inspect.signature(checker).parameters) > 1
         try:
-            checker(tuple(int(p) for p in patch_size))
+            checker(patch, strides) if takes_strides else checker(patch)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
         return
     if strides:
         divisors = np.prod(np.asarray(strides, dtype=int), axis=0)
-        bad = [i for i, (p, d) in enumerate(zip(patch_size, divisors)) if p % d]
+        bad = [i for i, (p, d) in enumerate(zip(patch_size, divisors, strict=False)) if p % d]
         if bad:
-            nearest = [max(int(d), int(round(p / d)) * int(d)) for p, d in zip(patch_size, divisors)]
+            nearest = [max(int(d), int(p / d + 0.5) * int(d)) for p, d in zip(patch_size, divisors, strict=False)]
             raise ValueError(
                 f"{where}: patch size {list(patch_size)} cannot be processed by {type(network).__name__}: axis "
                 f"{bad} not divisible by the total stride {divisors.tolist()}; nearest valid patch size: {nearest}"
@@ -188,6 +194,6 @@ class _EpochStepLR(torch.optim.lr_scheduler.StepLR):
         if current_step is None:
             super().step()
             return
-        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=False):
             group["lr"] = base_lr * self.gamma ** (current_step // self.step_size)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]

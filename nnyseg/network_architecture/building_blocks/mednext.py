@@ -18,6 +18,21 @@ from torch import nn
 __all__ = ["ConvResBlock", "MedNeXtBlock", "MedNeXtUpBlock"]
 
 
+class _InstanceNorm3d(nn.InstanceNorm3d):
+    """Affine ``nn.InstanceNorm3d`` that also accepts maps with a single voxel (normalised value 0, output = bias)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 5 and x.shape[2:].numel() == 1:
+            zero = x - x.mean(dim=(2, 3, 4), keepdim=True)  # exactly 0 (and 0 gradient), as in the general case
+            shape = (1, -1, 1, 1, 1)
+            return zero * self.weight.view(shape) + self.bias.view(shape) if self.affine else zero
+        return super().forward(x)
+
+
+def _instance_norm(channels: int) -> nn.InstanceNorm3d:
+    return _InstanceNorm3d(channels, affine=True)
+
+
 def _voxels(input_size: Sequence[int]) -> int:
     return math.prod(int(s) for s in input_size)
 
@@ -46,9 +61,7 @@ class MedNeXtBlock(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.exp_r = exp_r
-        self.dw_conv = nn.Conv3d(
-            in_channels, in_channels, kernel_size, padding=kernel_size // 2, groups=in_channels
-        )
+        self.dw_conv = nn.Conv3d(in_channels, in_channels, kernel_size, padding=kernel_size // 2, groups=in_channels)
         self.norm = nn.GroupNorm(num_groups=in_channels, num_channels=in_channels)
         self.expand = nn.Conv3d(in_channels, exp_r * in_channels, 1)
         self.act = nn.GELU()
@@ -134,6 +147,9 @@ class ConvResBlock(nn.Module):
     If the channel count changes, the residual is a 1x1x1 convolution followed by InstanceNorm. Convolutions have no
     bias (each is followed by an affine InstanceNorm).
 
+    The InstanceNorm also accepts a single-voxel map (the /32 bottleneck of a 32^3 patch), where ``nn.InstanceNorm3d``
+    raises in training mode; the normalised value of a single voxel is 0, so the output there is the norm's bias.
+
     Args:
         in_channels: Input channels.
         out_channels: Output channels.
@@ -151,13 +167,13 @@ class ConvResBlock(nn.Module):
         self.out_channels = out_channels
         pad = kernel_size // 2
         self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size, padding=pad, bias=False)
-        self.norm1 = nn.InstanceNorm3d(out_channels, affine=True)
+        self.norm1 = _instance_norm(out_channels)
         self.conv2 = nn.Conv3d(out_channels, out_channels, kernel_size, padding=pad, bias=False)
-        self.norm2 = nn.InstanceNorm3d(out_channels, affine=True)
+        self.norm2 = _instance_norm(out_channels)
         self.act = nn.LeakyReLU(negative_slope, inplace=True)
         if in_channels != out_channels:
             self.res_conv = nn.Conv3d(in_channels, out_channels, 1, bias=False)
-            self.res_norm = nn.InstanceNorm3d(out_channels, affine=True)
+            self.res_norm = _instance_norm(out_channels)
         else:
             self.res_conv = None
             self.res_norm = None

@@ -77,8 +77,8 @@ def compute_window_and_shift(
     size = _triple(feature_size, "feature_size")
     win = _triple(window, "window")
     sh = _triple(shift, "shift")
-    eff_window = tuple(s if s <= w else w for s, w in zip(size, win))
-    eff_shift = tuple(0 if s <= w else t for s, w, t in zip(size, win, sh))
+    eff_window = tuple(s if s <= w else w for s, w in zip(size, win, strict=True))
+    eff_shift = tuple(0 if s <= w else t for s, w, t in zip(size, win, sh, strict=True))
     return eff_window, eff_shift  # type: ignore[return-value]
 
 
@@ -130,7 +130,9 @@ def _relative_position_index_cpu(window: Size3, table_window: Size3) -> torch.Te
     return (rel[0] * sizes[1] + rel[1]) * sizes[2] + rel[2]
 
 
-def relative_position_index(window: int | Sequence[int], table_window: int | Sequence[int] | None = None) -> torch.Tensor:
+def relative_position_index(
+    window: int | Sequence[int], table_window: int | Sequence[int] | None = None
+) -> torch.Tensor:
     """Index into a relative-position-bias table for every (query, key) pair of a window.
 
     The table has ``prod(2 * table_window - 1)`` rows, one per relative offset of the configured (largest) window. A
@@ -146,7 +148,7 @@ def relative_position_index(window: int | Sequence[int], table_window: int | Seq
     """
     win = _triple(window, "window")
     table = win if table_window is None else _triple(table_window, "table_window")
-    if any(w > t for w, t in zip(win, table)):
+    if any(w > t for w, t in zip(win, table, strict=True)):
         raise ValueError(f"window {win} is larger than the window {table} the bias table was built for")
     return _relative_position_index_cpu(win, table)
 
@@ -174,7 +176,7 @@ def compute_shift_mask(
         return None
     region = torch.zeros((1, *padded_size, 1), device=device)
     axis_slices = []
-    for w, s in zip(window, shift):
+    for w, s in zip(window, shift, strict=True):
         axis_slices.append((slice(0, -w), slice(-w, -s), slice(-s, None)) if s > 0 else (slice(None),))
     count = 0
     for sd in axis_slices[0]:
@@ -208,7 +210,7 @@ class PatchEmbed3d(nn.Module):
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Elements of the output feature map for one sample."""
-        return self.embed_dim * math.prod(s // p for s, p in zip(input_size, self.patch_size))
+        return self.embed_dim * math.prod(s // p for s, p in zip(input_size, self.patch_size, strict=True))
 
 
 class WindowAttention3d(nn.Module):
@@ -352,7 +354,9 @@ class SwinBlock3d(nn.Module):
         self.num_heads = num_heads
         self.window_size = _triple(window_size, "window_size")
         self.shift_size = _triple(shift_size, "shift_size")
-        if any(w < 1 for w in self.window_size) or any(not 0 <= s < w for s, w in zip(self.shift_size, self.window_size)):
+        if any(w < 1 for w in self.window_size) or any(
+            not 0 <= s < w for s, w in zip(self.shift_size, self.window_size, strict=True)
+        ):
             raise ValueError(f"need window >= 1 and 0 <= shift < window, got {self.window_size} / {self.shift_size}")
         self.mlp_ratio = mlp_ratio
         self.use_checkpoint = use_checkpoint
@@ -374,7 +378,7 @@ class SwinBlock3d(nn.Module):
     def _attention_branch(self, x: torch.Tensor) -> torch.Tensor:
         _, d, h, w, _ = x.shape
         window, shift = compute_window_and_shift((d, h, w), self.window_size, self.shift_size)
-        pads = [(-size) % win for size, win in zip((d, h, w), window)]
+        pads = [(-size) % win for size, win in zip((d, h, w), window, strict=True)]
         x = self.norm1(x)
         if any(pads):
             x = F.pad(x, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0]))
@@ -412,7 +416,7 @@ class SwinBlock3d(nn.Module):
         """
         window, shift = compute_window_and_shift(input_size, self.window_size, self.shift_size)
         tokens = math.prod(input_size)
-        padded_tokens = math.prod(math.ceil(s / w) * w for s, w in zip(input_size, window))
+        padded_tokens = math.prod(math.ceil(s / w) * w for s, w in zip(input_size, window, strict=True))
         hidden = int(self.dim * self.mlp_ratio)
         per_token = self.dim * 8 + 2 * hidden
         attention = padded_tokens * math.prod(window) * self.num_heads * (2 if any(shift) else 1)
@@ -584,7 +588,11 @@ class SwinEncoder3d(nn.Module):
                 raise ValueError(
                     f"num_heads[{i}] = {heads} must divide the stage-{i} width feature_size * 2**{i} = {dim}"
                 )
-        for name, rate in (("drop_rate", drop_rate), ("attn_drop_rate", attn_drop_rate), ("drop_path_rate", drop_path_rate)):
+        for name, rate in (
+            ("drop_rate", drop_rate),
+            ("attn_drop_rate", attn_drop_rate),
+            ("drop_path_rate", drop_path_rate),
+        ):
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {rate}")
         self.feature_size = feature_size
@@ -593,7 +601,7 @@ class SwinEncoder3d(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.stages = nn.ModuleList()
-        for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+        for i, (depth, heads) in enumerate(zip(depths, num_heads, strict=True)):
             start = sum(depths[:i])
             self.stages.append(
                 SwinStage3d(
@@ -633,9 +641,9 @@ class SwinEncoder3d(nn.Module):
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Memory-proportional element count of the encoder for one sample and patch ``input_size``."""
         total = self.patch_embed.compute_conv_feature_map_size(input_size)
-        size = [s // p for s, p in zip(input_size, self.patch_embed.patch_size)]
+        size = [s // p for s, p in zip(input_size, self.patch_embed.patch_size, strict=True)]
         total += self.output_channels[0] * math.prod(size)  # hidden state x0
-        for channels, stage in zip(self.output_channels[1:], self.stages):
+        for channels, stage in zip(self.output_channels[1:], self.stages, strict=True):
             total += stage.compute_conv_feature_map_size(size)
             size = [math.ceil(s / 2) for s in size]
             total += channels * math.prod(size)  # hidden state

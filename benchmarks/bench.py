@@ -1,0 +1,818 @@
+"""Side-by-side speed and memory benchmark of nnyseg's networks against nnU-Net's PlainConvUNet.
+
+Every architecture is built exactly as nnU-Net would build it from plans for the requested patch (the planners'
+``topology`` rule, then nnU-Net's ``get_network_from_plans``) and measured in its own subprocess, one after the other,
+with the same patch, batch, device and threads:
+
+- parameters (millions);
+- one training step as nnU-Net's ``nnUNetTrainer.train_step`` runs it: deep supervision on,
+  ``DeepSupervisionWrapper(DC_and_CE_loss)`` with nnU-Net's weights, backward, ``clip_grad_norm_(12)`` and an SGD
+  step (lr 1e-2, momentum 0.99, Nesterov, weight decay 3e-5); autocast + GradScaler on CUDA as nnU-Net does;
+- one inference forward pass (``eval()``, deep supervision off, ``torch.inference_mode()``);
+- peak memory (CUDA: ``torch.cuda.max_memory_allocated``; otherwise the worker process's peak RSS);
+
+and every number also as a ratio to PlainConvUNet measured in the same run. The table is printed and appended to
+``benchmarks/RESULTS.md``.
+
+Usage::
+
+    python benchmarks/bench.py                                  # all architectures, 64^3, batch 2
+    python benchmarks/bench.py --archs plain elanres elanres_fused --patch 128 128 128 --device cuda
+    python benchmarks/bench.py --tiny --patch 32 32 32 --batch 1 --repeats 1 --warmup 0 --device cpu --no-append
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing nnyseg
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_RESULTS = REPO / "benchmarks" / "RESULTS.md"
+BASELINE = "plain"
+NA = "n/a"
+#: nnU-Net's 3d_fullres ``batch_dice`` when a 3d_lowres configuration exists (the usual case for liver CT).
+BATCH_DICE = True
+INPUT_CHANNELS = 1
+#: nnU-Net's optimiser and gradient clipping (``nnUNetTrainer.configure_optimizers`` / ``train_step``).
+LEARNING_RATE = 1e-2
+MOMENTUM = 0.99
+WEIGHT_DECAY = 3e-5
+GRAD_CLIP = 12.0
+
+RESULTS_HEADER = """# nnyseg benchmarks
+
+Each section below is one run of `benchmarks/bench.py` (its exact command line is in the section). Every architecture
+is built as nnU-Net builds it from plans for the given patch and measured in its own subprocess, one after the other,
+on the same device with the same patch, batch and threads:
+
+- **params (M)**: trainable and non-trainable parameters of the network as built (after fusion for `elanres_fused`).
+- **train step (s)**: median wall time of one nnU-Net training step: forward with deep supervision,
+  `DeepSupervisionWrapper(DC_and_CE_loss)` with nnU-Net's weights, backward, `clip_grad_norm_(12)`, SGD step
+  (autocast + GradScaler on CUDA unless `--no-amp`). Data loading and augmentation are not included.
+- **inference (s)**: median wall time of one forward pass in `eval()` mode, deep supervision off, under
+  `torch.inference_mode()`, same batch.
+- **peak mem (GiB)**: on CUDA `torch.cuda.max_memory_allocated` during the timed training steps (the timed inference
+  passes for rows without a training step, against plain's inference peak); on CPU/MPS the peak RSS of the whole
+  worker process (Python, torch and nnU-Net imports included, so CPU ratios understate the differences; n/a ratio for
+  inference-only rows such as `elanres_fused`, whose worker did not train).
+- **x plain**: the value divided by PlainConvUNet's (`plain`) value from the same run.
+- Each worker runs the training steps first, then the inference passes (nnU-Net's order); `n/a` = not measured.
+
+Ratios are only comparable within one section (one run); absolute numbers depend on the machine and its load.
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Architectures
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArchSpec:
+    """One benchmark row.
+
+    Attributes:
+        key: Name used with ``--archs`` and in the table.
+        planner: Key of ``nnyseg.planning.planners.PLANNERS`` whose ``topology`` builds the network, or None for
+            nnU-Net's ResEnc M preset.
+        fused: Whether ``switch_to_deploy()`` is applied before inference (inference only, no training step).
+        description: One line for ``--help``.
+    """
+
+    key: str
+    planner: str | None
+    fused: bool = False
+    description: str = ""
+
+
+#: The named rows; every other ``PLANNERS`` key is added under its class name by :func:`architecture_specs`.
+NAMED_ARCHS: tuple[ArchSpec, ...] = (
+    ArchSpec("plain", "nnysegBaselinePlanner", description="nnU-Net's PlainConvUNet (the baseline, always measured)"),
+    ArchSpec("resenc_m", None, description="nnU-Net's ResidualEncoderUNet, ResEnc M preset topology"),
+    ArchSpec("elanres", "ELANResMSCAPlanner", description="ELANRes-MSCA-UNet (training-time RepConv branches)"),
+    ArchSpec(
+        "elanres_fused",
+        "ELANResMSCAPlanner",
+        fused=True,
+        description="ELANRes-MSCA-UNet after switch_to_deploy() (inference only)",
+    ),
+    ArchSpec("nnynet", "nnYNetPlanner", description="nnY-Net (SwinNeXtUNet)"),
+)
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Sends Python-level prints (nnU-Net prints on import) to stderr so that stdout carries only results."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def _planners() -> dict[str, Any]:
+    with _quiet_stdout():
+        from nnyseg.planning.planners import PLANNERS
+    return PLANNERS
+
+
+def architecture_specs() -> dict[str, ArchSpec]:
+    """All benchmarkable architectures: the named rows, then every other ``PLANNERS`` key by its class name."""
+    planners = _planners()
+    specs = {spec.key: spec for spec in NAMED_ARCHS if spec.planner is None or spec.planner in planners}
+    covered = {spec.planner for spec in specs.values()}
+    for name in planners:
+        if name not in covered:
+            specs[name] = ArchSpec(name, name, description=f"{name}'s network")
+    return specs
+
+
+def resolve_archs(requested: Sequence[str] | None, specs: dict[str, ArchSpec] | None = None) -> list[str]:
+    """Turns ``--archs`` into row keys: ``None`` or ``all`` means every architecture; planner class names are aliases.
+
+    The baseline ``plain`` is always included, first.
+
+    Raises:
+        ValueError: For a name that is neither a row key nor a planner class name.
+    """
+    specs = architecture_specs() if specs is None else specs
+    if not requested or "all" in requested:
+        keys = list(specs)
+    else:
+        aliases = {}
+        for spec in specs.values():
+            if spec.planner is not None and not spec.fused:
+                aliases.setdefault(spec.planner, spec.key)
+        keys = []
+        for name in requested:
+            key = name if name in specs else aliases.get(name)
+            if key is None:
+                raise ValueError(f"unknown architecture {name!r}; choose from: all, {', '.join(specs)}")
+            keys.append(key)
+    ordered = [BASELINE] + [k for k in keys if k != BASELINE]
+    return list(dict.fromkeys(ordered))
+
+
+def resenc_m_topology(spacing: Sequence[float], patch_size: Sequence[int], *, tiny: bool = False) -> tuple[list, dict]:
+    """nnU-Net's ``nnUNetPlannerResEncM`` architecture block for a given patch (same topology rule as nnU-Net's).
+
+    Widths 32..320 (``tiny``: 8..64, like nnyseg's tiny presets), ``n_blocks_per_stage`` (1, 3, 4, 6, 6, 6, ...) and
+    one conv block per decoder stage; strides and kernels from ``get_pool_and_conv_props`` (minimum edge 4).
+
+    Returns:
+        ``(patch_size, architecture)`` with the patch made divisible by the strides.
+    """
+    with _quiet_stdout():
+        from nnyseg.planning.planners import conv_unet_topology, features_per_stage
+
+    patch, kernels, strides = conv_unet_topology([float(s) for s in spacing], [int(p) for p in patch_size])
+    n = len(strides)
+    base, maximum = (8, 64) if tiny else (32, 320)
+    blocks_encoder = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
+    return patch, {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+        "arch_kwargs": {
+            "n_stages": n,
+            "features_per_stage": features_per_stage(n, base, maximum),
+            "conv_op": "torch.nn.modules.conv.Conv3d",
+            "kernel_sizes": kernels,
+            "strides": strides,
+            "n_blocks_per_stage": list(blocks_encoder[:n]),
+            "n_conv_per_stage_decoder": [1] * (n - 1),
+            "conv_bias": True,
+            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+            "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU",
+            "nonlin_kwargs": {"inplace": True},
+        },
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+    }
+
+
+def build_architecture(
+    spec: ArchSpec,
+    patch_size: Sequence[int],
+    *,
+    spacing: Sequence[float],
+    tiny: bool,
+    num_classes: int,
+    input_channels: int = INPUT_CHANNELS,
+) -> tuple[Any, list[int], dict]:
+    """Builds ``spec``'s network with deep supervision on, as nnU-Net would from plans.
+
+    Returns:
+        ``(network, patch_size, architecture)``; the patch is the one the architecture's topology rule accepted.
+    """
+    with _quiet_stdout():
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+        from nnyseg.planning.planners import build_network_for_patch
+
+    if spec.planner is not None:
+        return build_network_for_patch(
+            _planners()[spec.planner],
+            list(patch_size),
+            spacing=list(spacing),
+            tiny=tiny,
+            input_channels=input_channels,
+            num_classes=num_classes,
+            deep_supervision=True,
+        )
+    patch, architecture = resenc_m_topology(spacing, patch_size, tiny=tiny)
+    network = get_network_from_plans(
+        architecture["network_class_name"],
+        architecture["arch_kwargs"],
+        architecture["_kw_requires_import"],
+        input_channels,
+        num_classes,
+        allow_init=True,
+        deep_supervision=True,
+    )
+    return network, patch, architecture
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# nnU-Net's deep-supervision loss and targets
+# ----------------------------------------------------------------------------------------------------------------
+def deep_supervision_scales(strides: Sequence[Sequence[int]]) -> list[list[float]]:
+    """nnU-Net's ``_get_deep_supervision_scales``: ``1 / cumprod(strides)`` per stage, without the deepest one."""
+    import numpy as np
+
+    cumulative = np.cumprod(np.vstack([list(s) for s in strides]), axis=0)
+    return [[float(v) for v in 1 / row] for row in cumulative][:-1]
+
+
+def deep_supervision_weights(n_outputs: int) -> list[float]:
+    """nnU-Net's loss weights: ``1 / 2**i``, the lowest-resolution output 0, normalised to sum 1."""
+    if n_outputs == 1:
+        return [1.0]
+    weights = [1 / 2**i for i in range(n_outputs)]
+    weights[-1] = 0.0
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def make_ds_targets(target: Any, scales: Sequence[Sequence[float]]) -> list[Any]:
+    """Deep-supervision targets as nnU-Net's data pipeline makes them.
+
+    Applies batchgeneratorsv2's ``DownsampleSegForDSTransform`` (nearest-exact interpolation to
+    ``round(size * scale)``, dtype kept) to every sample, as nnU-Net's training transforms do, and stacks the batch.
+
+    Args:
+        target: Integer labels ``(B, 1, *spatial)`` (a CPU tensor).
+        scales: :func:`deep_supervision_scales`.
+
+    Returns:
+        One ``(B, 1, *scaled_spatial)`` tensor per scale, highest resolution first.
+    """
+    import torch
+
+    with _quiet_stdout():
+        from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+
+    transform = DownsampleSegForDSTransform(ds_scales=[list(s) for s in scales])
+    per_sample = [transform(segmentation=sample)["segmentation"] for sample in target]
+    return [torch.stack([sample[i] for sample in per_sample]) for i in range(len(scales))]
+
+
+def build_loss(n_outputs: int) -> Any:
+    """nnU-Net's ``_build_loss`` for label (not region) training with deep supervision."""
+    with _quiet_stdout():
+        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+        from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    loss = DC_and_CE_loss(
+        {"batch_dice": BATCH_DICE, "smooth": 1e-5, "do_bg": False, "ddp": False},
+        {},
+        weight_ce=1,
+        weight_dice=1,
+        ignore_label=None,
+        dice_class=MemoryEfficientSoftDiceLoss,
+    )
+    return DeepSupervisionWrapper(loss, deep_supervision_weights(n_outputs))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker: one architecture in its own process
+# ----------------------------------------------------------------------------------------------------------------
+def device_name(device: str) -> str:
+    """GPU name for CUDA, Apple GPU for MPS, else the CPU model from ``/proc/cpuinfo`` (or ``platform``)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    if device == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name") and ":" in line:
+                return "CPU: " + line.split(":", 1)[1].strip()
+    return "CPU: " + (platform.processor() or platform.machine() or "unknown")
+
+
+def peak_rss_gib() -> float:
+    """Peak resident set size of this process so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+
+
+def time_iterations(
+    fn: Callable[[], Any], *, warmup: int, repeats: int, sync: Callable[[], None], label: str
+) -> list[float]:
+    """Runs ``fn`` ``warmup`` times untimed, then ``repeats`` times timed (``sync`` around each timing)."""
+    for i in range(warmup):
+        fn()
+        _log(f"{label}: warm-up {i + 1}/{warmup} done")
+    sync()
+    times = []
+    for i in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+        _log(f"{label}: {i + 1}/{repeats} {times[-1]:.4f} s")
+    return times
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Measures one architecture in this process (``--worker KEY``) and returns the JSON-able result."""
+    import torch
+
+    spec = architecture_specs()[args.worker]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    is_cuda = device.type == "cuda"
+    amp = bool(args.amp) and is_cuda
+    if is_cuda:
+        torch.backends.cudnn.benchmark = True  # as nnU-Net's run_training
+        torch.cuda.set_device(device)
+
+    def sync() -> None:
+        if is_cuda:
+            torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", enabled=True) if amp else contextlib.nullcontext()
+
+    result: dict[str, Any] = {
+        "arch": spec.key,
+        "planner": spec.planner,
+        "fused": spec.fused,
+        "device": str(device),
+        "device_name": device_name(str(device)),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "amp": amp,
+        "memory_kind": "cuda_max_allocated" if is_cuda else "peak_rss",
+        "requested_patch": list(args.patch),
+        "batch": args.batch,
+    }
+    network, patch, architecture = build_architecture(
+        spec, args.patch, spacing=args.spacing, tiny=args.tiny, num_classes=args.num_classes
+    )
+    patch = [int(p) for p in patch]
+    result["patch"] = patch
+    result["network_class"] = type(network).__name__
+    if spec.fused:
+        network.eval()
+        result["n_fused"] = int(network.switch_to_deploy())
+    result["params_m"] = sum(p.numel() for p in network.parameters()) / 1e6
+    _log(f"{spec.key}: {result['network_class']}, {result['params_m']:.3f} M parameters, patch {patch}")
+    network.to(device)
+
+    x = torch.randn(args.batch, INPUT_CHANNELS, *patch, device=device)
+
+    def measure(phase: str, fn: Callable[[], None]) -> None:
+        """Warm-up, timed repeats and (CUDA) the peak allocated memory of the timed iterations of one phase."""
+        try:
+            if is_cuda:
+                torch.cuda.empty_cache()
+            for i in range(args.warmup):
+                fn()
+                _log(f"{spec.key} {phase}: warm-up {i + 1}/{args.warmup} done")
+            if is_cuda:
+                sync()
+                torch.cuda.reset_peak_memory_stats(device)
+            times = time_iterations(fn, warmup=0, repeats=args.repeats, sync=sync, label=f"{spec.key} {phase}")
+            result[f"{phase}_times"] = times
+            result[f"{phase}_s"] = statistics.median(times)
+            if is_cuda:
+                result[f"peak_{phase}_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        except torch.cuda.OutOfMemoryError:
+            result[f"{phase}_error"] = "OOM"
+            _log(f"{spec.key} {phase}: out of memory")
+        result["phases"].append(phase)
+
+    result["phases"] = []
+    # Training first, then inference: nnU-Net's order (train, then predict). Inference first would also let networks
+    # cache tensors created under inference_mode that autograd then refuses in training.
+    if not (args.forward_only or spec.fused):
+        # One training step as nnUNetTrainer.train_step (data already on the device).
+        network.train()
+        network.decoder.deep_supervision = True
+        scales = deep_supervision_scales(architecture["arch_kwargs"]["strides"])
+        loss_fn = build_loss(len(scales))
+        target = torch.randint(0, args.num_classes, (args.batch, 1, *patch), dtype=torch.int16)
+        targets = [t.to(device) for t in make_ds_targets(target, scales)]
+        optimizer = torch.optim.SGD(
+            network.parameters(), LEARNING_RATE, weight_decay=WEIGHT_DECAY, momentum=MOMENTUM, nesterov=True
+        )
+        scaler = torch.amp.GradScaler("cuda") if amp else None
+        checked = False
+
+        def step() -> None:
+            nonlocal checked
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                outputs = network(x)
+                if not checked:
+                    check_ds_outputs(spec.key, outputs, targets)
+                    checked = True
+                loss = loss_fn(outputs, targets)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(network.parameters(), GRAD_CLIP)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(network.parameters(), GRAD_CLIP)
+                optimizer.step()
+
+        measure("train", step)
+        optimizer.zero_grad(set_to_none=True)  # inference holds the weights only, as nnU-Net's predictor
+        del optimizer, scaler, targets, target, loss_fn
+
+    network.eval()
+    network.decoder.deep_supervision = False
+
+    def infer() -> None:
+        with torch.inference_mode(), autocast():
+            network(x)
+
+    measure("inference", infer)
+    if not is_cuda:
+        result["peak_rss_gib"] = peak_rss_gib()
+    return result
+
+
+def check_ds_outputs(key: str, outputs: Any, targets: Sequence[Any]) -> None:
+    """Raises ``RuntimeError`` unless the deep-supervision outputs have the spatial shapes of nnU-Net's targets."""
+    if isinstance(outputs, (list, tuple)) and [tuple(o.shape[2:]) for o in outputs] == [
+        tuple(t.shape[2:]) for t in targets
+    ]:
+        return
+    got = [tuple(o.shape) for o in outputs] if isinstance(outputs, (list, tuple)) else tuple(outputs.shape)
+    raise RuntimeError(
+        f"{key}: deep-supervision outputs {got} do not match nnU-Net's targets {[tuple(t.shape) for t in targets]}"
+    )
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """Runs :func:`run_worker` with everything printed (also by C code) on stderr; the JSON alone goes to stdout."""
+    sys.stdout.flush()
+    saved_stdout = os.dup(1)
+    os.dup2(2, 1)
+    code = 0
+    try:
+        with _quiet_stdout():
+            result = run_worker(args)
+    except Exception as err:
+        traceback.print_exc()
+        result = {"arch": args.worker, "error": f"{type(err).__name__}: {err}"}
+        code = 1
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved_stdout, 1)
+        os.close(saved_stdout)
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return code
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parent: run the workers, build the table, append to RESULTS.md
+# ----------------------------------------------------------------------------------------------------------------
+def worker_command(args: argparse.Namespace, key: str) -> list[str]:
+    """The subprocess command that measures architecture ``key`` with the run's settings."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", key]
+    cmd += ["--patch", *map(str, args.patch), "--batch", str(args.batch), "--device", args.device]
+    cmd += ["--spacing", *map(str, args.spacing), "--num-classes", str(args.num_classes)]
+    cmd += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--amp" if args.amp else "--no-amp"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.tiny:
+        cmd.append("--tiny")
+    if args.forward_only:
+        cmd.append("--forward-only")
+    return cmd
+
+
+def run_architecture(args: argparse.Namespace, key: str) -> dict[str, Any]:
+    """Runs one worker subprocess (its stderr passes through as progress) and returns its parsed JSON result."""
+    proc = subprocess.run(worker_command(args, key), stdout=subprocess.PIPE, text=True, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    with contextlib.suppress(IndexError, json.JSONDecodeError):
+        result = json.loads(lines[-1])
+        if proc.returncode != 0 and "error" not in result:
+            result["error"] = f"worker exited with code {proc.returncode}"
+        return result
+    reason = f"worker exited with code {proc.returncode} and no result"
+    if proc.returncode < 0:
+        reason += f" (signal {-proc.returncode}{', probably out of memory' if proc.returncode == -9 else ''})"
+    return {"arch": key, "error": reason}
+
+
+def _num(value: float | None) -> str:
+    """Three significant figures, no exponent for values >= 1e-4; ``n/a`` for None."""
+    if value is None:
+        return NA
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:#.3g}"
+
+
+def _ratio(value: float | None, baseline: float | None) -> str:
+    if value is None or baseline is None or baseline <= 0:
+        return NA
+    return f"{value / baseline:.2f}"
+
+
+def _patch(patch: Sequence[int] | None) -> str:
+    return "x".join(str(p) for p in patch) if patch else NA
+
+
+def memory_cells(row: dict[str, Any], base: dict[str, Any]) -> tuple[float | None, float | None]:
+    """The row's peak memory for the table and the baseline value its ratio is taken against.
+
+    CUDA: the training-step peak, or the inference peak for rows without a training step, against plain's peak of the
+    same phase. CPU/MPS: the worker's whole-process peak RSS, against plain's only if both ran the same phases.
+    """
+    if row.get("memory_kind") == "cuda_max_allocated":
+        phase = "train" if row.get("peak_train_gib") is not None else "inference"
+        return row.get(f"peak_{phase}_gib"), base.get(f"peak_{phase}_gib")
+    same_phases = row.get("phases") == base.get("phases")
+    return row.get("peak_rss_gib"), base.get("peak_rss_gib") if same_phases else None
+
+
+def memory_header(results: Sequence[dict[str, Any]], device: str) -> str:
+    """The peak-memory column header, naming what was measured."""
+    kinds = {r.get("memory_kind") for r in results if r.get("memory_kind")}
+    kind = kinds.pop() if len(kinds) == 1 else ("cuda_max_allocated" if device.startswith("cuda") else "peak_rss")
+    return "peak mem (GiB, CUDA max allocated)" if kind == "cuda_max_allocated" else "peak mem (GiB, worker peak RSS)"
+
+
+def format_table(results: Sequence[dict[str, Any]], device: str) -> str:
+    """The Markdown table: one row per architecture, ratios against the ``plain`` row."""
+    base = next((r for r in results if r.get("arch") == BASELINE), {})
+    header = [
+        "architecture",
+        "network class",
+        "patch",
+        "params (M)",
+        "train step (s)",
+        "x plain",
+        "inference (s)",
+        "x plain",
+        memory_header(results, device),
+        "x plain",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 7) + "|"]
+    for r in results:
+        failed = "error" in r
+        train = r.get("train_s")
+        infer = r.get("inference_s")
+        mem, base_mem = memory_cells(r, base)
+        train_cell = "error" if failed else r.get("train_error") or _num(train)
+        infer_cell = "error" if failed else r.get("inference_error") or _num(infer)
+        cells = [
+            r.get("arch", "?"),
+            r.get("network_class", NA),
+            _patch(r.get("patch")),
+            _num(r.get("params_m")),
+            train_cell,
+            _ratio(train, base.get("train_s")),
+            infer_cell,
+            _ratio(infer, base.get("inference_s")),
+            "error" if failed else _num(mem),
+            _ratio(mem, base_mem),
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The command as typed, reconstructed from the arguments."""
+    return "python benchmarks/bench.py" + ("".join(" " + shlex.quote(a) for a in argv))
+
+
+def format_section(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    results: Sequence[dict[str, Any]],
+    *,
+    started: dt.datetime,
+    wall_s: float,
+) -> str:
+    """One RESULTS.md section: heading, command line, settings, table and notes."""
+    info = next((r for r in results if "error" not in r), {})
+    import torch
+
+    dev_name = info.get("device_name") or device_name(args.device)
+    threads = info.get("threads") or args.threads or torch.get_num_threads()
+    preset = "tiny" if args.tiny else "full"
+    heading = (
+        f"## {started:%Y-%m-%d %H:%M} UTC, {dev_name}, torch {info.get('torch', torch.__version__)}, "
+        f"{threads} threads, patch {_patch(args.patch)}, batch {args.batch}, {preset} preset"
+    )
+    amp = bool(args.amp) and args.device.startswith("cuda")
+    settings = (
+        f"Device `{args.device}`; warm-up {args.warmup}, timed repeats {args.repeats} (median reported); "
+        f"AMP {'on (autocast fp16 + GradScaler, as nnU-Net)' if amp else 'off'}; spacing {_patch(args.spacing)}; "
+        f"{args.num_classes} classes, {INPUT_CHANNELS} input channel; "
+        f"{'training steps skipped (--forward-only); ' if args.forward_only else ''}"
+        f"total wall time {wall_s:.0f} s."
+    )
+    if args.note:
+        settings = f"Note: {args.note}\n\n{settings}"
+    notes = []
+    cuda = any(r.get("memory_kind") == "cuda_max_allocated" for r in results)
+    if cuda and not args.forward_only:
+        notes.append(
+            "peak mem: max_memory_allocated during the timed training steps; rows whose train step is n/a show the "
+            "peak of their timed inference passes, and their x plain is against plain's inference peak."
+        )
+        base_peak = next((r.get("peak_inference_gib") for r in results if r.get("arch") == BASELINE), None)
+        peaks = [
+            f"{r['arch']} {_num(r['peak_inference_gib'])} ({_ratio(r['peak_inference_gib'], base_peak)})"
+            for r in results
+            if r.get("peak_inference_gib") is not None
+        ]
+        if peaks:
+            notes.append("inference peak mem in GiB (x plain): " + ", ".join(peaks) + ".")
+    elif not cuda:
+        notes.append(
+            "peak mem: peak RSS of the worker process over its whole run (Python, torch and nnU-Net imports, the "
+            "network, then "
+            + ("the inference passes" if args.forward_only else "the training steps, then the inference passes")
+            + "); x plain is n/a for a row whose worker ran other phases than plain's (an inference-only row)."
+        )
+    for r in results:
+        if r.get("patch") and list(r["patch"]) != list(args.patch):
+            notes.append(
+                f"{r['arch']}: patch adjusted by its topology rule from {_patch(args.patch)} to {_patch(r['patch'])}; "
+                "its row is not at the same patch as the others."
+            )
+        if r.get("n_fused") is not None:
+            notes.append(f"{r['arch']}: {r['n_fused']} RepConv modules fused by switch_to_deploy().")
+        if "error" in r:
+            notes.append(f"{r.get('arch')}: failed: {r['error']}")
+    parts = [heading, "", "```bash", command_line(argv), "```", "", settings, "", format_table(results, args.device)]
+    if notes:
+        parts += [""] + [f"- {n}" for n in notes]
+    return "\n".join(parts) + "\n"
+
+
+def append_section(path: Path, section: str) -> None:
+    """Appends ``section`` to ``path`` atomically (temp file + ``os.replace``), creating it with a header if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = path.read_text(encoding="utf-8") if path.exists() else RESULTS_HEADER
+    if not existing.endswith("\n"):
+        existing += "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(existing + "\n" + section)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        else:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface (shared by the parent run and its ``--worker`` subprocesses)."""
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/bench.py",
+        description=(
+            "Benchmark nnyseg's networks side by side with nnU-Net's PlainConvUNet: parameters, training-step and "
+            "inference time, peak memory, each also as a ratio to PlainConvUNet from the same run. Each architecture "
+            "runs in its own subprocess; the table is printed and appended to the results file."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--archs",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="architectures to measure (default: all): plain, resenc_m, elanres, elanres_fused, nnynet and every "
+        "other planner of nnyseg.planning.planners.PLANNERS by its class name; plain is always added",
+    )
+    parser.add_argument("--patch", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None, help="default: cuda if available")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    parser.add_argument("--tiny", action="store_true", help="use the tiny CPU presets of every architecture")
+    parser.add_argument(
+        "--spacing", nargs=3, type=float, default=[1.0, 1.0, 1.0], help="voxel spacing for the topology rule"
+    )
+    parser.add_argument("--forward-only", action="store_true", help="skip training steps (inference only)")
+    parser.add_argument("--num-classes", type=int, default=3, help="output classes incl. background")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per phase")
+    parser.add_argument("--repeats", type=int, default=3, help="timed iterations per phase (median reported)")
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="autocast fp16 + GradScaler on CUDA, as nnU-Net trains and predicts (ignored on cpu/mps)",
+    )
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="Markdown file to append to")
+    parser.add_argument("--no-append", action="store_true", help="print the table only")
+    parser.add_argument("--note", default=None, help="free text added to the section")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the benchmark (or, with ``--worker``, one architecture's measurement) and returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = _default_device()
+    if args.batch < 1 or args.repeats < 1 or args.warmup < 0 or args.num_classes < 2:
+        parser.error("need --batch >= 1, --repeats >= 1, --warmup >= 0 and --num-classes >= 2")
+    if args.worker:
+        return worker_main(args)
+
+    try:
+        keys = resolve_archs(args.archs)
+    except ValueError as err:
+        parser.error(str(err))
+    started = dt.datetime.now(dt.timezone.utc)
+    t0 = time.perf_counter()
+    results = []
+    for i, key in enumerate(keys, 1):
+        print(f"[{i}/{len(keys)}] {key} ...", file=sys.stderr, flush=True)
+        t_arch = time.perf_counter()
+        result = run_architecture(args, key)
+        results.append(result)
+        status = f"failed: {result['error']}" if "error" in result else "done"
+        print(f"[{i}/{len(keys)}] {key} {status} ({time.perf_counter() - t_arch:.0f} s)", file=sys.stderr, flush=True)
+        if result.get("patch") and list(result["patch"]) != list(args.patch):
+            print(
+                f"WARNING: {key} runs at patch {_patch(result['patch'])}, not the requested {_patch(args.patch)} "
+                "(its topology rule adjusted it)",
+                file=sys.stderr,
+            )
+    section = format_section(args, argv, results, started=started, wall_s=time.perf_counter() - t0)
+    print(section)
+    if not args.no_append:
+        append_section(args.results, section)
+        print(f"appended to {args.results}", file=sys.stderr)
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny hand-made nnU-Net raw datasets and isolated nnU-Net folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "data" / "totalsegmentator_examples"
+
+
+def write_image(path: Path, array: np.ndarray, spacing=(1.5, 1.5, 3.0), origin=(0.0, 0.0, 0.0), direction=None):
+    """Write a (z, y, x) array as NIfTI with the given (x, y, z) geometry."""
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection(direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+
+
+def make_raw_dataset(
+    root: Path, dataset_id: int = 990, n_cases: int = 3, shape=(8, 16, 16), ending: str = ".nii.gz"
+) -> Path:
+    """A small valid region-based liver/tumour raw dataset; returns its folder."""
+    folder = root / f"Dataset{dataset_id:03d}_Handmade"
+    rng = np.random.default_rng(0)
+    for i in range(n_cases):
+        label = np.zeros(shape, np.uint8)
+        label[2:6, 4:12, 4:12] = 1
+        label[3:5, 6:9, 6:9] = 2
+        image = (rng.normal(0, 10, shape) + 100 * (label > 0) - 40 * (label == 2)).astype(np.int16)
+        write_image(folder / "imagesTr" / f"case_{i:03d}_0000{ending}", image)
+        write_image(folder / "labelsTr" / f"case_{i:03d}{ending}", label)
+    dataset_json = {
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, "liver": [1, 2], "tumor": 2},
+        "regions_class_order": [1, 2],
+        "numTraining": n_cases,
+        "file_ending": ending,
+    }
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    return folder
+
+
+@pytest.fixture
+def nnunet_env(tmp_path, monkeypatch):
+    """Point nnU-Net's three folders at fresh temporary folders for this test."""
+    paths = {}
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        paths[var] = tmp_path / var
+        paths[var].mkdir()
+        monkeypatch.setenv(var, str(paths[var]))
+    return paths
+
+
+def tree_digest(folder: Path) -> dict[str, bytes]:
+    """File name -> bytes of every file under ``folder`` (to prove that nothing was modified)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -1,0 +1,173 @@
+"""Planners: nnU-Net's fingerprint planning, then each architecture's constraints; the tiny preset; plans docs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnyseg.data.phantom import write_nnunet_dataset
+from nnyseg.planning import plan_and_preprocess as pp
+from nnyseg.planning.describe import describe
+from nnyseg.planning.planners import (
+    PLANNERS,
+    TINY_CONFIGURATION,
+    ELANResMSCAPlanner,
+    build_network_for_patch,
+    nnYNetPlanner,
+    nnysegBaselinePlanner,
+)
+from nnyseg.trainers.base import PLANS_SETTINGS_KEY, resolve_settings
+
+REPO = Path(__file__).resolve().parents[1]
+DATASET_ID = 993
+
+
+@pytest.fixture(scope="module")
+def fingerprinted(tmp_path_factory):
+    """A micro phantom with nnU-Net's fingerprint, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("planning")
+    mp = pytest.MonkeyPatch()
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / var).mkdir()
+        mp.setenv(var, str(root / var))
+    write_nnunet_dataset(
+        root / "nnUNet_raw", DATASET_ID, "PlanPhantom", num_training=5, num_test=0, preset="micro", progress=False
+    )
+    extract_fingerprint_dataset(DATASET_ID, num_processes=1)
+    yield root
+    mp.undo()
+
+
+def _plan(planner_cls, **kwargs) -> dict:
+    planner = planner_cls(DATASET_ID, **kwargs)
+    planner.plan_experiment()
+    return planner.plans
+
+
+def test_baseline_3d_fullres_is_exactly_nnunets_default(fingerprinted):
+    default = ExperimentPlanner(DATASET_ID)
+    default.plan_experiment()
+    ours = _plan(nnysegBaselinePlanner)
+    assert ours["configurations"]["3d_fullres"] == default.plans["configurations"]["3d_fullres"]
+    assert "2d" in ours["configurations"]
+    assert ours["plans_name"] == "nnysegBaselinePlans"
+
+
+@pytest.mark.parametrize("planner_cls", [ELANResMSCAPlanner, nnYNetPlanner])
+def test_architecture_plans_keep_nnunets_preprocessing(fingerprinted, planner_cls):
+    default = ExperimentPlanner(DATASET_ID)
+    default.plan_experiment()
+    ref = default.plans["configurations"]["3d_fullres"]
+    plans = _plan(planner_cls)
+    cfg = plans["configurations"]["3d_fullres"]
+    for key in ("spacing", "normalization_schemes", "resampling_fn_data", "median_image_size_in_voxels"):
+        assert cfg[key] == ref[key], key
+    assert cfg["data_identifier"] == "nnUNetPlans_3d_fullres"
+    assert "2d" not in plans["configurations"]
+    assert cfg["architecture"]["network_class_name"] == planner_cls.network_class_name
+    assert cfg["batch_size"] >= 2
+    assert plans["nnyseg"]["planner"] == planner_cls.__name__
+    strides = np.prod(np.array(cfg["architecture"]["arch_kwargs"]["strides"]), axis=0)
+    assert all(p % s == 0 for p, s in zip(cfg["patch_size"], strides, strict=True))
+
+
+def test_nnynet_patch_is_multiple_of_32_with_isotropic_pooling(fingerprinted):
+    cfg = _plan(nnYNetPlanner)["configurations"]["3d_fullres"]
+    assert all(p % 32 == 0 for p in cfg["patch_size"])
+    assert cfg["architecture"]["arch_kwargs"]["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 5
+
+
+def test_smaller_memory_target_shrinks_the_patch(fingerprinted):
+    # nnU-Net's rule: while the network's estimate exceeds the reference, shrink the patch. A tiny target forces it.
+    big = _plan(ELANResMSCAPlanner)["configurations"]["3d_fullres"]["patch_size"]
+    small = _plan(ELANResMSCAPlanner, gpu_memory_target_in_gb=0.05)["configurations"]["3d_fullres"]["patch_size"]
+    assert np.prod(small) < np.prod(big)
+
+
+@pytest.mark.parametrize("planner_cls", list(PLANNERS.values()))
+def test_tiny_preset_builds_and_runs_through_nnunets_plans_handling(fingerprinted, planner_cls):
+    plans = _plan(planner_cls)
+    tiny = plans["configurations"][TINY_CONFIGURATION]
+    assert tiny["inherits_from"] == "3d_fullres"
+    assert np.prod(tiny["patch_size"]) <= planner_cls.tiny_max_patch_voxels
+    resolve_settings(
+        {
+            "num_epochs": 1000,
+            "num_iterations_per_epoch": 250,
+            "num_val_iterations_per_epoch": 50,
+            "save_every": 50,
+            "optimizer": "sgd",
+            "lr_schedule": "poly",
+            "initial_lr": 0.01,
+        },
+        tiny[PLANS_SETTINGS_KEY],
+    )
+    cm = PlansManager(plans).get_configuration(TINY_CONFIGURATION)
+    assert (
+        cm.data_identifier == "nnUNetPlans_3d_fullres"
+        and cm.spacing == plans["configurations"]["3d_fullres"]["spacing"]
+    )
+    net = get_network_from_plans(
+        cm.network_arch_class_name,
+        cm.network_arch_init_kwargs,
+        cm.network_arch_init_kwargs_req_import,
+        1,
+        2,
+        deep_supervision=True,
+    )
+    with torch.no_grad():
+        out = net(torch.zeros(1, 1, *cm.patch_size))
+    assert out[0].shape == (1, 2, *cm.patch_size)
+    assert sum(p.numel() for p in net.parameters()) < 5e6  # "tiny" means it trains on a CPU
+
+
+def test_anisotropic_topologies():
+    patch, arch = ELANResMSCAPlanner.topology([3.0, 0.75, 0.75], [48, 192, 192])
+    strides = arch["arch_kwargs"]["strides"]
+    assert strides[1] == [1, 2, 2]  # in-plane pooling first on thick slices, as nnU-Net plans it
+    assert arch["arch_kwargs"]["kernel_sizes"][0] == [1, 3, 3]
+    patch, arch = nnYNetPlanner.topology([3.0, 0.75, 0.75], [50, 190, 170])
+    assert patch == [64, 192, 160]
+
+
+def test_planner_lookup_wrapper_is_scoped():
+    from nnunetv2.experiment_planning import plan_and_preprocess_api as api
+
+    original = api.recursive_find_python_class
+    with pp.nnyseg_planners_visible():
+        assert api.recursive_find_python_class("x", "nnYNetPlanner", "y") is nnYNetPlanner
+    assert api.recursive_find_python_class is original
+
+
+def test_unknown_planner_is_a_clear_error(fingerprinted):
+    with pytest.raises(ValueError, match=r"unknown planner 'NoSuchPlanner'.*nnYNetPlanner"):
+        pp.main(["-d", str(DATASET_ID), "-pl", "NoSuchPlanner", "--no_pp"])
+
+
+def test_build_network_for_patch_adjusts_to_constraints():
+    net, patch, _ = build_network_for_patch(nnYNetPlanner, [40, 64, 70], tiny=True)
+    assert patch == [32, 64, 64]
+    with pytest.raises(ValueError, match="32"):
+        net(torch.zeros(1, 1, 40, 64, 64))
+
+
+@pytest.mark.parametrize("planner_cls", list(PLANNERS.values()))
+def test_plans_docs_are_up_to_date(planner_cls):
+    path = REPO / "plans" / f"{planner_cls.default_plans_name}.md"
+    assert path.is_file(), f"run `python -m nnyseg.planning.describe` to write {path}"
+    assert path.read_text() == describe(planner_cls), f"{path} is stale: run `python -m nnyseg.planning.describe`"
+
+
+def test_written_plans_file_is_plain_nnunet_json(fingerprinted):
+    _plan(nnYNetPlanner)
+    path = next((fingerprinted / "nnUNet_preprocessed").glob("Dataset*")) / "nnYNetPlans.json"
+    plans = json.loads(path.read_text())
+    assert set(PlansManager(plans).available_configurations) == {"3d_fullres", TINY_CONFIGURATION}
