@@ -352,6 +352,15 @@ def time_iterations(
     return times
 
 
+def _grad_scaler() -> Any:
+    """nnU-Net's CUDA GradScaler (``torch.amp`` from torch 2.3, ``torch.cuda.amp`` before)."""
+    import torch
+
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
+
+
 def _log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
@@ -369,7 +378,6 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     amp = bool(args.amp) and is_cuda
     if is_cuda:
         torch.backends.cudnn.benchmark = True  # as nnU-Net's run_training
-        torch.cuda.set_device(device)
 
     def sync() -> None:
         if is_cuda:
@@ -443,7 +451,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         optimizer = torch.optim.SGD(
             network.parameters(), LEARNING_RATE, weight_decay=WEIGHT_DECAY, momentum=MOMENTUM, nesterov=True
         )
-        scaler = torch.amp.GradScaler("cuda") if amp else None
+        scaler = _grad_scaler() if amp else None
         checked = False
 
         def step() -> None:
@@ -566,7 +574,7 @@ def _ratio(value: float | None, baseline: float | None) -> str:
 
 
 def _patch(patch: Sequence[int] | None) -> str:
-    return "x".join(str(p) for p in patch) if patch else NA
+    return "x".join(f"{p:g}" for p in patch) if patch else NA
 
 
 def memory_cells(row: dict[str, Any], base: dict[str, Any]) -> tuple[float | None, float | None]:
@@ -650,7 +658,8 @@ def format_section(
     preset = "tiny" if args.tiny else "full"
     heading = (
         f"## {started:%Y-%m-%d %H:%M} UTC, {dev_name}, torch {info.get('torch', torch.__version__)}, "
-        f"{threads} threads, patch {_patch(args.patch)}, batch {args.batch}, {preset} preset"
+        f"{threads} thread{'s' if threads != 1 else ''}, patch {_patch(args.patch)}, batch {args.batch}, "
+        f"{preset} preset"
     )
     amp = bool(args.amp) and args.device.startswith("cuda")
     settings = (
@@ -739,7 +748,6 @@ def build_parser() -> argparse.ArgumentParser:
             "inference time, peak memory, each also as a ratio to PlainConvUNet from the same run. Each architecture "
             "runs in its own subprocess; the table is printed and appended to the results file."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--archs",
@@ -749,25 +757,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="architectures to measure (default: all): plain, resenc_m, elanres, elanres_fused, nnynet and every "
         "other planner of nnyseg.planning.planners.PLANNERS by its class name; plain is always added",
     )
-    parser.add_argument("--patch", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"))
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None, help="default: cuda if available")
+    parser.add_argument(
+        "--patch", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"), help="patch size (default: 64^3)"
+    )
+    parser.add_argument("--batch", type=int, default=2, help="batch size (default: 2)")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda", "mps"], default=None, help="default: cuda if available, else cpu"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     parser.add_argument("--tiny", action="store_true", help="use the tiny CPU presets of every architecture")
     parser.add_argument(
-        "--spacing", nargs=3, type=float, default=[1.0, 1.0, 1.0], help="voxel spacing for the topology rule"
+        "--spacing",
+        nargs=3,
+        type=float,
+        default=[1.0, 1.0, 1.0],
+        metavar=("SD", "SH", "SW"),
+        help="voxel spacing used by the topology rule (default: 1 1 1)",
     )
     parser.add_argument("--forward-only", action="store_true", help="skip training steps (inference only)")
-    parser.add_argument("--num-classes", type=int, default=3, help="output classes incl. background")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per phase")
-    parser.add_argument("--repeats", type=int, default=3, help="timed iterations per phase (median reported)")
+    parser.add_argument("--num-classes", type=int, default=3, help="output classes incl. background (default: 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per phase (default: 1)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed iterations per phase, median reported (default: 3)"
+    )
     parser.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="autocast fp16 + GradScaler on CUDA, as nnU-Net trains and predicts (ignored on cpu/mps)",
+        help="autocast fp16 + GradScaler on CUDA, as nnU-Net trains and predicts (default: on; ignored on cpu/mps)",
     )
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="Markdown file to append to")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        help="Markdown file to append to (default: benchmarks/RESULTS.md)",
+    )
     parser.add_argument("--no-append", action="store_true", help="print the table only")
     parser.add_argument("--note", default=None, help="free text added to the section")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -62,7 +62,7 @@ def _run(cmd: list[str], env: dict[str, str], log: Path) -> None:
     shown = " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))
     print(f"\n$ {shown}", flush=True)
     start = time.perf_counter()
-    with log.open("a") as f:
+    with log.open("a", buffering=1) as f:  # line-buffered, so `tail -f demo.log` follows along
         f.write(f"\n$ {shown}\n")
         f.flush()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

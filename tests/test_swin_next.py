@@ -294,3 +294,17 @@ def test_missing_clinical_warning_fires_once_per_instance() -> None:
         other(x)
     messages = [w for w in caught if MISSING_MSG in str(w.message)]
     assert len(messages) == 2  # once for `net`, once for `other`
+
+
+def test_training_works_after_inference_in_the_same_process():
+    # Regression: a cached relative-position index created under inference_mode broke every later backward pass.
+    from nnyseg.network_architecture.building_blocks.swin import _relative_position_index_cpu
+
+    _relative_position_index_cpu.cache_clear()
+    net = SwinNeXtUNet(
+        1, 2, True, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4, ca_heads=2
+    )
+    with torch.inference_mode():
+        net(torch.zeros(1, 1, 32, 32, 32))
+    sum(out.sum() for out in net(torch.zeros(1, 1, 32, 32, 32))).backward()
+    assert all(p.grad is not None for p in net.parameters())

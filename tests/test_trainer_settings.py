@@ -44,3 +44,22 @@ def test_patch_check_for_conv_unet():
         ValueError, match=r"plans X: patch size \[18, 32, 32\].*nearest valid patch size: \[20, 32, 32\]"
     ):
         check_patch_size_for_network(net, [18, 32, 32], [[1, 1, 1], [2, 2, 2], [2, 2, 2]], where="plans X")
+
+
+def test_trainer_rejects_a_plans_patch_the_network_cannot_take():
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnyseg.planning.planners import nnYNetPlanner
+    from nnyseg.trainers.base import nnysegTrainer
+
+    patch, architecture = nnYNetPlanner.topology([1.0, 1.0, 1.0], [32, 64, 64], tiny=True)
+    configuration = {"patch_size": patch, "architecture": architecture, "batch_size": 2, "spacing": [1, 1, 1]}
+    plans = {"plans_name": "nnYNetPlans", "configurations": {"3d_fullres_tiny": configuration}}
+    cm = PlansManager(plans).get_configuration("3d_fullres_tiny")
+    net = nnysegTrainer.build_network_architecture(PlansManager(plans), cm, 1, 2, True)
+    assert net.decoder.deep_supervision is True
+
+    configuration["patch_size"] = [40, 64, 64]  # a hand-edited plans file: 40 is not a multiple of 32
+    cm = PlansManager(plans).get_configuration("3d_fullres_tiny")
+    with pytest.raises(ValueError, match=r"plans 'nnYNetPlans'.*SwinNeXtUNet.*divisible by 32.*40 -> 32 or 64"):
+        nnysegTrainer.build_network_architecture(PlansManager(plans), cm, 1, 2, True)

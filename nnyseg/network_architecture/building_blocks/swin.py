@@ -122,12 +122,16 @@ def window_reverse(windows: torch.Tensor, window: Sequence[int], spatial_size: S
 
 @functools.lru_cache(maxsize=64)
 def _relative_position_index_cpu(window: Size3, table_window: Size3) -> torch.Tensor:
-    coords = torch.stack(torch.meshgrid(*(torch.arange(w) for w in window), indexing="ij")).flatten(1)  # (3, N)
-    rel = coords[:, :, None] - coords[:, None, :]  # (3, N, N), values in [-(w - 1), w - 1]
-    sizes = [2 * t - 1 for t in table_window]
-    for axis in range(3):
-        rel[axis] += table_window[axis] - 1
-    return (rel[0] * sizes[1] + rel[1]) * sizes[2] + rel[2]
+    # The cached tensor outlives the call: if the first call happened under torch.inference_mode(), an inference
+    # tensor would be cached and every later training step would fail ("Inference tensors cannot be saved for
+    # backward"), so it is always built as a normal tensor.
+    with torch.inference_mode(False):
+        coords = torch.stack(torch.meshgrid(*(torch.arange(w) for w in window), indexing="ij")).flatten(1)  # (3, N)
+        rel = coords[:, :, None] - coords[:, None, :]  # (3, N, N), values in [-(w - 1), w - 1]
+        sizes = [2 * t - 1 for t in table_window]
+        for axis in range(3):
+            rel[axis] += table_window[axis] - 1
+        return (rel[0] * sizes[1] + rel[1]) * sizes[2] + rel[2]
 
 
 def relative_position_index(
