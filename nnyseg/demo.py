@@ -122,6 +122,7 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
     from nnyseg.data.phantom import write_nnunet_dataset
     from nnyseg.evaluation.dice import evaluate_folders, format_summary
     from nnyseg.evaluation.overlay import save_overlay
+    from nnyseg.planning.planners import nnysegPlannerBase
 
     keys = list(trainers or DEFAULT_DEMO_MODELS)
     unknown = [k for k in keys if k not in DEMO_MODELS]
@@ -239,6 +240,11 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
     for model in models:
         print(f"\n-- {model.key}: {model.description}")
         print(format_summary(results[model.key]))
+    tiny = nnysegPlannerBase.tiny_trainer_settings
+    print(
+        f"\nThe tiny presets train for {tiny['num_epochs'] * tiny['num_iterations_per_epoch']} iterations: enough to "
+        "find the liver, usually not yet the tumours, which need nnU-Net's full schedule (1000 x 250 iterations)."
+    )
     print("\nOutputs:")
     print(f"  raw dataset       {dataset_dir}")
     print(f"  plans             {Path(env['nnUNet_preprocessed']) / dataset_dir.name}")

@@ -166,6 +166,12 @@ def test_plans_docs_are_up_to_date(planner_cls):
     assert path.read_text() == describe(planner_cls), f"{path} is stale: run `python -m nnyseg.planning.describe`"
 
 
+def test_plans_index_is_up_to_date():
+    from nnyseg.planning.describe import index
+
+    assert (REPO / "plans" / "README.md").read_text() == index()
+
+
 def test_written_plans_file_is_plain_nnunet_json(fingerprinted):
     _plan(nnYNetPlanner)
     path = next((fingerprinted / "nnUNet_preprocessed").glob("Dataset*")) / "nnYNetPlans.json"

@@ -1,0 +1,38 @@
+"""The demo's guards and environment (the full pipeline it drives is exercised by test_end_to_end.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from nnyseg.demo import DEFAULT_DEMO_MODELS, DEMO_MODELS, demo_environment, run_demo
+from nnyseg.planning.planners import PLANNERS
+
+
+def test_demo_models_use_registered_planners():
+    for model in DEMO_MODELS.values():
+        assert model.planner in PLANNERS
+        assert PLANNERS[model.planner].default_plans_name == model.plans
+    assert set(DEFAULT_DEMO_MODELS) <= set(DEMO_MODELS)
+    assert "baseline" in DEFAULT_DEMO_MODELS and len(DEFAULT_DEMO_MODELS) >= 2
+
+
+def test_environment_points_nnunet_into_the_workdir(tmp_path, monkeypatch):
+    monkeypatch.delenv("nnUNet_def_n_proc", raising=False)
+    env = demo_environment(tmp_path)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        assert env[var] == str(tmp_path / var) and (tmp_path / var).is_dir()
+    assert int(env["nnUNet_def_n_proc"]) <= 2
+
+
+def test_refuses_to_wipe_a_folder_it_did_not_make(tmp_path):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "data.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not made by the demo"):
+        run_demo(precious)
+    assert (precious / "data.txt").read_text() == "keep me"
+
+
+def test_unknown_model(tmp_path):
+    with pytest.raises(ValueError, match="unknown demo model"):
+        run_demo(tmp_path / "w", trainers=["nope"])
