@@ -26,6 +26,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         phase=args.phase,
         direction=args.direction,
         overwrite=args.overwrite,
+        min_tumours=args.min_tumours,
     )
     print(f"phantom dataset written to {folder}")
     return 0
@@ -83,6 +84,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nnyseg.demo import DEFAULT_DEMO_MODELS, DEMO_MODELS  # standard library only: keeps --help fast
+
     parser = argparse.ArgumentParser(
         prog="nnyseg",
         description="Liver and liver-tumour segmentation networks for nnU-Net v2. Train and predict with the stock "
@@ -104,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", default="portal", help="native, portal or arterial (default: %(default)s)")
     p.add_argument("--direction", default="identity", help="identity, flipped or oblique (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default: %(default)s)")
+    p.add_argument("--min-tumours", type=int, default=1, help="at least this many lesions per case, 0-8 (default: 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same name")
     p.set_defaults(func=_cmd_phantom)
 
@@ -146,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--models",
         nargs="+",
         default=None,
-        choices=["baseline", "elanres", "nnynet"],
-        help="tiny models to train (default: baseline elanres)",
+        choices=list(DEMO_MODELS),
+        help=f"tiny models to train (default: {' '.join(DEFAULT_DEMO_MODELS)})",
     )
     p.add_argument("--keep", action="store_true", help="reuse an existing work folder instead of starting afresh")
     p.set_defaults(func=_cmd_demo)

@@ -40,11 +40,14 @@ DEMO_MODELS: dict[str, DemoModel] = {
         DemoModel("baseline", "nnysegBaselinePlanner", "nnysegBaselinePlans", "nnysegTrainer", "nnU-Net PlainConvUNet"),
         DemoModel("elanres", "ELANResMSCAPlanner", "ELANResMSCAPlans", "nnysegTrainer", "ELANRes-MSCA-UNet"),
         DemoModel("nnynet", "nnYNetPlanner", "nnYNetPlans", "nnysegTrainer", "nnY-Net (Swin-NeXt, latent queries)"),
+        DemoModel(
+            "dyntransnet", "DynTransNetPlanner", "DynTransNetPlans", "nnysegTrainer", "DynTransNet (D-MSA, FM-M)"
+        ),
     )
 }
 
 #: What ``nnyseg demo`` trains by default: the baseline and one nnyseg architecture keep it under 15 minutes on 2
-#: CPU cores; ``--models baseline elanres nnynet`` adds the Swin-based nnY-Net.
+#: CPU cores; ``--models baseline elanres nnynet dyntransnet`` adds the Swin-based networks.
 DEFAULT_DEMO_MODELS = ("baseline", "elanres")
 
 

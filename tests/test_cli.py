@@ -47,3 +47,16 @@ def test_plan_and_preprocess_help_is_nnunets_with_its_flags():
 def test_trainer_dir():
     result = _nnyseg("trainer-dir")
     assert result.stdout.strip() == str(nnyseg.TRAINER_DIR)
+
+
+def test_phantom_command_writes_once_and_refuses_to_overwrite(tmp_path, capsys):
+    from nnyseg.cli import main
+
+    args = ["phantom", "-d", "5", "-o", str(tmp_path), "--preset", "micro", "--num-training", "2", "--num-test", "1"]
+    assert main(args) == 0
+    folder = tmp_path / "Dataset005_LiverPhantom"
+    assert (folder / "dataset.json").is_file() and len(list((folder / "labelsTr").iterdir())) == 2
+    before = (folder / "labelsTr" / "case_0000.nii.gz").read_bytes()
+    assert main([*args, "--seed", "7"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (folder / "labelsTr" / "case_0000.nii.gz").read_bytes() == before

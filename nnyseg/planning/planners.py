@@ -360,9 +360,49 @@ class nnYNetPlanner(nnysegPlannerBase):
         return smaller
 
 
+class DynTransNetPlanner(nnYNetPlanner):
+    """DynTransNet (Swin encoder with D-MSA, FM-M + RM decoder; architectures.md sections 1 and 3.4, option A).
+
+    The Swin encoder has the same fixed topology as nnY-Net's (stride-2 patch embedding and four 2x2x2 patch
+    mergings), so the patch rule is inherited unchanged: ``strides = [[1,1,1]] + 5 x [[2,2,2]]`` and every patch axis
+    a multiple of 32, shrunk by 32 along the axis largest relative to the median shape while the network's memory
+    estimate exceeds the reference.
+    """
+
+    default_plans_name = "DynTransNetPlans"
+    network_class_name: ClassVar[str] = "nnyseg.network_architecture.dyntransnet.DynTransNet"
+    changes = (
+        "3d_fullres: network DynTransNet, option A (Swin encoder F=48, depths 2-2-2-2, heads 3-6-12-24, window 7, "
+        "with the D-MSA key-saliency bias added to the relative-position bias; decoder: transposed conv -> FM-M -> "
+        "RM per stage, five deep-supervision heads)",
+        "3d_fullres: isotropic 2x2x2 pooling (strides [[1,1,1]] + 5 x [[2,2,2]]) and every patch axis a multiple "
+        "of 32, whatever the spacing; patch and batch size re-derived with the network's own memory estimate",
+        "2d dropped (3D-only network); 3d_lowres re-planned the same way when nnU-Net creates it",
+        f"adds {TINY_CONFIGURATION}: F=12, depths 1-1-1-1, heads 1-2-4-8, window 4, patch <= 32x64x64 voxels "
+        "(multiples of 32), batch 2, 10 epochs x 20 iterations",
+    )
+
+    @classmethod
+    def topology(cls, spacing: list[float], patch_size: list[int], *, tiny: bool = False) -> tuple[list[int], dict]:
+        patch, _ = super().topology(spacing, patch_size, tiny=tiny)  # nnY-Net's rule: axes rounded to multiples of 32
+        kwargs: dict[str, Any] = {
+            "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5,
+            "encoder": "swin",
+            "dmsa_bias": "key",
+            "rel_pos_bias": True,
+            "fusion": "fmm",
+            "residual_module": True,
+        }
+        if tiny:
+            kwargs.update(feature_size=12, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], window_size=4)
+        else:
+            kwargs.update(feature_size=48, depths=[2, 2, 2, 2], num_heads=[3, 6, 12, 24], window_size=7)
+        return patch, {"network_class_name": cls.network_class_name, "arch_kwargs": kwargs, "_kw_requires_import": []}
+
+
 #: Planner name -> class, for ``nnyseg plan_and_preprocess -pl NAME``. Explicit, filled in one place.
 PLANNERS: dict[str, type[nnysegPlannerBase]] = {
-    cls.__name__: cls for cls in (nnysegBaselinePlanner, ELANResMSCAPlanner, nnYNetPlanner)
+    cls.__name__: cls for cls in (nnysegBaselinePlanner, ELANResMSCAPlanner, nnYNetPlanner, DynTransNetPlanner)
 }
 
 

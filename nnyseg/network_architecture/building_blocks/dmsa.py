@@ -150,9 +150,7 @@ class DenseSynthesizerBias(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}, num_tokens={self.num_tokens}"
 
 
-def make_dmsa_bias_factory(
-    mode: str, *, window_tokens: int | None = None
-) -> Callable[[int, int], nn.Module] | None:
+def make_dmsa_bias_factory(mode: str, *, window_tokens: int | None = None) -> Callable[[int, int], nn.Module] | None:
     """The ``extra_bias_factory(dim, num_heads)`` for the Swin encoder (and the ViT blocks) for one D-MSA mode.
 
     Args:

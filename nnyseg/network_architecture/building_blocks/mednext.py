@@ -15,22 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnyseg.network_architecture.building_blocks.norms import InstanceNorm3dAnySize
+
 __all__ = ["ConvResBlock", "MedNeXtBlock", "MedNeXtUpBlock"]
 
 
-class _InstanceNorm3d(nn.InstanceNorm3d):
-    """Affine ``nn.InstanceNorm3d`` that also accepts maps with a single voxel (normalised value 0, output = bias)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim == 5 and x.shape[2:].numel() == 1:
-            zero = x - x.mean(dim=(2, 3, 4), keepdim=True)  # exactly 0 (and 0 gradient), as in the general case
-            shape = (1, -1, 1, 1, 1)
-            return zero * self.weight.view(shape) + self.bias.view(shape) if self.affine else zero
-        return super().forward(x)
-
-
 def _instance_norm(channels: int) -> nn.InstanceNorm3d:
-    return _InstanceNorm3d(channels, affine=True)
+    return InstanceNorm3dAnySize(channels, affine=True)
 
 
 def _voxels(input_size: Sequence[int]) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["LayerNormNd"]
+__all__ = ["InstanceNorm3dAnySize", "LayerNormNd"]
 
 
 class LayerNormNd(nn.Module):
@@ -47,3 +47,21 @@ class LayerNormNd(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, affine={self.weight is not None}"
+
+
+class InstanceNorm3dAnySize(nn.InstanceNorm3d):
+    """Affine ``nn.InstanceNorm3d`` that also accepts maps of a single voxel.
+
+    At a 32^3 patch the /32 bottleneck of the Swin-type networks is 1x1x1, where PyTorch's InstanceNorm3d refuses to
+    run in training mode. On one voxel the normalised value is 0, so the output is the norm's bias (and the weight
+    gets a zero gradient), which is the limit of the general formula.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 5 and x.shape[2:].numel() == 1:
+            zero = x - x.mean(dim=(2, 3, 4), keepdim=True)  # exactly 0 (and 0 gradient), as in the general case
+            if not self.affine:
+                return zero
+            shape = (1, -1, 1, 1, 1)
+            return zero * self.weight.view(shape) + self.bias.view(shape)
+        return super().forward(x)

@@ -1,0 +1,1 @@
+"""Segmentation losses of the nnyseg methods, composable with nnU-Net's DeepSupervisionWrapper."""
