@@ -79,7 +79,7 @@ def _cmd_overlay(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nnyseg.demo import run_demo
 
-    run_demo(Path(args.workdir), trainers=args.models, keep=args.keep)
+    run_demo(Path(args.workdir), trainers=args.models, keep=args.keep, preset=args.preset)
     return 0
 
 
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tiny models to train (default: {' '.join(DEFAULT_DEMO_MODELS)})",
     )
     p.add_argument("--keep", action="store_true", help="reuse an existing work folder instead of starting afresh")
+    p.add_argument("--preset", default="tiny", help="phantom grid: tiny (default) or micro for a quick smoke run")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -114,13 +114,14 @@ def demo_environment(workdir: Path) -> dict[str, str]:
     return env
 
 
-def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = False) -> dict:
+def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = False, preset: str = "tiny") -> dict:
     """Run the demo in ``workdir`` and return the Dice results per model.
 
     Args:
         workdir: Folder for every output (created; replaced unless ``keep``).
         trainers: Keys of :data:`DEMO_MODELS` to train (default: :data:`DEFAULT_DEMO_MODELS`).
         keep: Reuse an existing work folder (skips the phantom and planning steps that already ran).
+        preset: Phantom grid; ``micro`` (6 x 6 x 8 mm voxels) makes a quick smoke run of the whole pipeline.
     """
     from nnyseg.data.phantom import write_nnunet_dataset
     from nnyseg.evaluation.dice import evaluate_folders, format_summary

@@ -36,3 +36,18 @@ def test_refuses_to_wipe_a_folder_it_did_not_make(tmp_path):
 def test_unknown_model(tmp_path):
     with pytest.raises(ValueError, match="unknown demo model"):
         run_demo(tmp_path / "w", trainers=["nope"])
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_the_micro_phantom(tmp_path, capsys):
+    results = run_demo(tmp_path / "demo", trainers=["baseline"], preset="micro")
+    out = capsys.readouterr().out
+    workdir = tmp_path / "demo"
+    assert set(results) == {"baseline"}
+    assert results["baseline"]["num_cases"] == 2
+    assert 0.0 <= results["baseline"]["global"]["liver"] <= 1.0
+    assert (workdir / "predictions" / "baseline" / "dice.json").is_file()
+    png = workdir / "overlay_baseline.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for shown in (str(png), "nnysegTrainer__nnysegBaselinePlans__3d_fullres_tiny", "global Dice"):
+        assert shown in out
