@@ -5,5 +5,6 @@ nnU-Net's own trainers: nnU-Net searches its package first and would return its 
 """
 
 from nnyseg.trainers.base import nnysegTrainer
+from nnyseg.trainers.dyntransnet import DynTransNetTrainer, DynTransNetTrainer_nnUNet
 
-__all__ = ["nnysegTrainer"]
+__all__ = ["DynTransNetTrainer", "DynTransNetTrainer_nnUNet", "nnysegTrainer"]

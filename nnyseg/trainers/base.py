@@ -166,6 +166,14 @@ class nnysegTrainer(nnUNetTrainer):
         )
         return network
 
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        """Never switch deep supervision on when the recipe has it off.
+
+        nnU-Net switches it on unconditionally at the end of ``perform_actual_validation``; with deep supervision off
+        the network must keep returning one tensor, which is what the loss and ``validation_step`` then expect.
+        """
+        super().set_deep_supervision_enabled(enabled and self.enable_deep_supervision)
+
     def configure_optimizers(self):
         s = self.resolved_settings
         params = self.network.parameters()
