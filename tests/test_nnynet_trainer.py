@@ -1,0 +1,289 @@
+"""nnYNetTrainer: the recipe of architectures.md 2.5/2.6 and the clinical plumbing of 2.4, on a micro phantom.
+
+The module fixture writes a 5-case micro phantom, plans it with nnYNetPlanner and preprocesses 3d_fullres in-process.
+Derived plans configurations inherit the tiny preset and shorten training to 1 epoch x 2 iterations x 1 validation
+iteration, so the two real training runs (latent and clinical mode) go through nnU-Net's own ``run_training`` on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+from nnyseg.data.clinical import ClinicalNormalisation, dataset_case_ids, load_clinical_table
+from nnyseg.data.phantom import write_nnunet_dataset
+from nnyseg.losses.dice_focal_ce import DiceFocalCELoss
+from nnyseg.planning.planners import TINY_CONFIGURATION, nnYNetPlanner
+from nnyseg.trainers.base import PLANS_SETTINGS_KEY
+from nnyseg.trainers.nnynet import (
+    CHECKPOINT_KEY,
+    CLINICAL_NORMALISATION_FILE,
+    add_clinical_configuration,
+    nnYNetTrainer,
+)
+
+DATASET_ID = 994
+PLANS = "nnYNetPlans"
+LATENT_RUN, CLINICAL, CLINICAL_RUN = "3d_fullres_tiny_run", "3d_fullres_tiny_clinical", "3d_fullres_tiny_clinical_run"
+SHORT = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "save_every": 1}
+SCHEMA = [
+    {"name": "age", "type": "numeric"},
+    {"name": "diagnosis", "type": "categorical", "categories": ["HCC", "metastasis"]},
+]
+AGES = [64.0, None, 58.0, 71.0, 49.0, 66.0]  # case i; case_0005 is the imagesTs case
+DIAGNOSES = ["HCC", "metastasis", None, "HCC", "metastasis", "HCC"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Micro phantom -> fingerprint -> nnYNetPlans (+ derived configurations) -> preprocessed 3d_fullres."""
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
+    root = tmp_path_factory.mktemp("nnynet")
+    mp = pytest.MonkeyPatch()
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / var).mkdir()
+        mp.setenv(var, str(root / var))
+    mp.setenv("nnUNet_n_proc_DA", "1")  # the planner sets torch's thread count from it
+    raw = write_nnunet_dataset(
+        root / "nnUNet_raw", DATASET_ID, "YNetPhantom", num_training=5, num_test=1, preset="micro", progress=False
+    )
+    extract_fingerprint_dataset(DATASET_ID, num_processes=1)
+    planner = nnYNetPlanner(DATASET_ID)
+    planner.plan_experiment()
+    preprocess_dataset(DATASET_ID, PLANS, ["3d_fullres"], [1], show_progress_bar=False)
+    mp.setenv("nnUNet_n_proc_DA", "0")  # training: single-threaded data augmentation (tiny inputs, 2 CPU cores)
+    mp.setattr(trainer_module, "default_num_processes", 1)  # export/metrics pool of the final validation
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on 2 shared cores, one torch thread is several times faster than two
+
+    training, test = dataset_case_ids(raw)
+    ids = training + test
+    assert len(ids) == len(AGES)
+    cases = {case: {"age": age, "diagnosis": diag} for case, age, diag in zip(ids, AGES, DIAGNOSES, strict=True)}
+    (raw / "clinical.json").write_text(json.dumps({"schema": SCHEMA, "cases": cases}, indent=2))
+
+    preprocessed = root / "nnUNet_preprocessed" / raw.name
+    plans = json.loads((preprocessed / f"{PLANS}.json").read_text())
+    configurations = plans["configurations"]
+    configurations[LATENT_RUN] = {"inherits_from": TINY_CONFIGURATION, PLANS_SETTINGS_KEY: SHORT}
+    assert add_clinical_configuration(plans, SCHEMA, base_configuration=TINY_CONFIGURATION) == CLINICAL
+    configurations[CLINICAL_RUN] = {"inherits_from": CLINICAL, PLANS_SETTINGS_KEY: SHORT}
+    (preprocessed / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    yield {"root": root, "raw": raw, "plans": plans, "dataset_json": dataset_json, "ids": ids}
+    torch.set_num_threads(threads)
+    mp.undo()
+
+
+def make_trainer(ws: dict, configuration: str, plans: dict | None = None, fold: int = 0) -> nnYNetTrainer:
+    plans = deepcopy(plans or ws["plans"])
+    plans["continue_training"] = False  # nnU-Net's run_training puts this in; the trainer pops it
+    return nnYNetTrainer(plans, configuration, fold, deepcopy(ws["dataset_json"]), device=torch.device("cpu"))
+
+
+def fold0(ws: dict) -> dict[str, list[str]]:
+    """nnU-Net's fold-0 split (``splits_final.json``, written by the first ``do_split``)."""
+    return json.loads((ws["root"] / "nnUNet_preprocessed" / ws["raw"].name / "splits_final.json").read_text())[0]
+
+
+def fold0_training_keys(ws: dict) -> list[str]:
+    return fold0(ws)["train"]
+
+
+# ----------------------------------------------------------------------------------------------------------- recipe
+def test_recipe_settings_optimiser_scheduler_and_loss(workspace):
+    s = nnYNetTrainer.settings
+    assert (s["optimizer"], s["initial_lr"], s["weight_decay"], s["lr_schedule"], s["num_epochs"]) == (
+        "adamw",
+        1e-4,
+        1e-5,
+        "poly",
+        1000,
+    )
+    assert s["num_iterations_per_epoch"] == 250 and s["enable_deep_supervision"] is True
+    assert (s["loss_weight_dice"], s["loss_weight_focal"], s["loss_weight_ce"], s["focal_gamma"]) == (1, 1, 1, 2)
+    assert s["focal_alpha"] is None
+
+    trainer = make_trainer(workspace, TINY_CONFIGURATION)
+    trainer.initialize()
+    optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
+    assert type(optimizer) is torch.optim.AdamW
+    group = optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(1e-4) and group["weight_decay"] == pytest.approx(1e-5)
+    assert isinstance(scheduler, PolyLRScheduler)
+    assert scheduler.max_steps == trainer.num_epochs == 10  # the tiny preset's override of the 1000 epochs
+    scheduler.step(5)
+    assert group["lr"] == pytest.approx(1e-4 * (1 - 5 / 10) ** 0.9)
+
+    loss = trainer.loss
+    assert isinstance(loss, DeepSupervisionWrapper) and isinstance(loss.loss, DiceFocalCELoss)
+    n_outputs = 5  # SwinNeXtUNet: /1 ... /16
+    expected = np.array([1 / 2**i for i in range(n_outputs)])
+    expected[-1] = 0
+    np.testing.assert_allclose(loss.weight_factors, expected / expected.sum())  # nnU-Net's weights
+    inner = loss.loss
+    assert inner.region_based is True  # the phantom is region-based (liver incl. tumour, tumour)
+    assert inner.dc.batch_dice == trainer.configuration_manager.batch_dice and inner.dc.smooth == 1e-5
+    assert (inner.weight_dice, inner.weight_focal, inner.weight_ce, inner.gamma, inner.alpha) == (1, 1, 1, 2, None)
+    assert trainer.cross_attention_mode == "latent" and trainer.clinical_normalisation is None
+
+
+def test_loss_settings_come_from_the_plans_and_are_validated(workspace):
+    plans = deepcopy(workspace["plans"])
+    overrides = {"focal_gamma": 1.0, "focal_alpha": 0.25, "loss_weight_ce": 0.5, "initial_lr": 1e-3}
+    plans["configurations"]["tuned"] = {"inherits_from": TINY_CONFIGURATION, PLANS_SETTINGS_KEY: overrides}
+    trainer = make_trainer(workspace, "tuned", plans)
+    trainer.initialize()
+    inner = trainer.loss.loss
+    assert (inner.gamma, inner.alpha, inner.weight_ce, inner.weight_dice) == (1.0, 0.25, 0.5, 1.0)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+    plans["configurations"]["bad"] = {"inherits_from": TINY_CONFIGURATION, PLANS_SETTINGS_KEY: {"focal_gamma": -1}}
+    trainer = make_trainer(workspace, "bad", plans)
+    with pytest.raises(ValueError, match=r"plans 'nnYNetPlans', configuration 'bad'.*gamma"):
+        trainer.initialize()
+
+
+# --------------------------------------------------------------------------------------------------------- clinical
+def test_clinical_batch_maps_keys_to_rows_in_order(workspace):
+    trainer = make_trainer(workspace, CLINICAL)
+    trainer.initialize()
+    assert trainer.cross_attention_mode == "clinical"
+    train_keys = fold0_training_keys(workspace)
+    ids = workspace["ids"]
+    ages = {case: age for case, age in zip(ids, AGES, strict=True)}
+    known = np.array([ages[k] for k in train_keys if ages[k] is not None])
+    mean, sd = known.mean(), known.std()
+    stats = trainer.clinical_normalisation
+    assert stats.fitted_on == sorted(train_keys)
+    assert stats.mean["age"] == pytest.approx(mean) and stats.std["age"] == pytest.approx(sd)
+    saved = ClinicalNormalisation.load(Path(trainer.output_folder) / CLINICAL_NORMALISATION_FILE)
+    assert saved == stats
+
+    keys = [ids[3], ids[1], ids[5], ids[0]]  # any order, a missing age, the imagesTs case
+    values, missing = trainer.clinical_batch(keys)
+    assert values.shape == missing.shape == (4, 2) and values.dtype == torch.float32
+    expected = [
+        [(AGES[3] - mean) / sd, 0.0],
+        [0.0, 1.0],
+        [(AGES[5] - mean) / sd, 0.0],
+        [(AGES[0] - mean) / sd, 0.0],
+    ]
+    np.testing.assert_allclose(values.numpy(), expected, rtol=1e-5)
+    np.testing.assert_array_equal(missing.numpy(), [[False, False], [True, False], [False, False], [False, False]])
+    with pytest.raises(KeyError, match="case_9999"):
+        trainer.clinical_batch(["case_9999"])
+
+
+def test_clinical_mode_without_a_table_or_with_another_schema_is_a_clear_error(workspace, tmp_path, monkeypatch):
+    empty_raw = tmp_path / "raw"
+    (empty_raw / workspace["raw"].name).mkdir(parents=True)
+    (empty_raw / workspace["raw"].name / "dataset.json").write_text(json.dumps(workspace["dataset_json"]))
+    monkeypatch.setenv("nnUNet_raw", str(empty_raw))
+    trainer = make_trainer(workspace, CLINICAL)
+    with pytest.raises(ValueError, match=r"'clinical' cross-attention mode but the raw dataset .* no clinical table"):
+        trainer.initialize()
+
+    monkeypatch.setenv("nnUNet_raw", str(workspace["raw"].parent))
+    plans = deepcopy(workspace["plans"])
+    add_clinical_configuration(plans, SCHEMA[::-1], base_configuration=TINY_CONFIGURATION, name="swapped")
+    trainer = make_trainer(workspace, "swapped", plans)
+    with pytest.raises(ValueError, match=r"clinical schema of plans 'nnYNetPlans', configuration 'swapped'"):
+        trainer.initialize()
+
+
+def test_add_clinical_configuration_validates(workspace):
+    plans = deepcopy(workspace["plans"])
+    with pytest.raises(ValueError, match="no configuration 'nope'"):
+        add_clinical_configuration(plans, SCHEMA, base_configuration="nope")
+    with pytest.raises(ValueError, match="at least one clinical field"):
+        add_clinical_configuration(plans, [], base_configuration=TINY_CONFIGURATION)
+    name = add_clinical_configuration(plans, SCHEMA, base_configuration=TINY_CONFIGURATION, name="c")
+    arch = plans["configurations"][name]["architecture"]
+    base = plans["configurations"][TINY_CONFIGURATION]["architecture"]
+    assert arch["arch_kwargs"] == {**base["arch_kwargs"], "cross_attention": "clinical", "clinical_schema": SCHEMA}
+    assert base["arch_kwargs"]["cross_attention"] == "latent"  # the base configuration is untouched
+
+
+# ---------------------------------------------------------------------------------------------- real training runs
+def _check_run(trainer: nnYNetTrainer) -> tuple[dict, str]:
+    folder = Path(trainer.output_folder)
+    checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == "nnYNetTrainer" and checkpoint["current_epoch"] == 1
+    assert any(k.startswith("cross_attention.") for k in checkpoint["network_weights"])
+    assert checkpoint["optimizer_state"]["param_groups"][0]["weight_decay"] == pytest.approx(1e-5)
+    log = next(folder.glob("training_log_*.txt")).read_text()
+    assert "nnyseg trainer settings (nnYNetTrainer)" in log and "'optimizer': 'adamw'" in log
+    assert "'num_epochs': 1" in log and "Epoch 0" in log and "Training done." in log
+    train_loss = trainer.logger.get_value("train_losses", step=-1)
+    assert np.isfinite(train_loss) and np.isfinite(trainer.logger.get_value("val_losses", step=-1))
+    return checkpoint, log
+
+
+def test_short_training_run_latent_mode(workspace):
+    trainer = make_trainer(workspace, LATENT_RUN)
+    trainer.run_training()
+    checkpoint, log = _check_run(trainer)
+    assert "cross-attention mode: 'latent'" in log
+    assert "cross_attention.latent_tokens" in checkpoint["network_weights"]
+    assert CHECKPOINT_KEY not in checkpoint
+    assert not (Path(trainer.output_folder) / CLINICAL_NORMALISATION_FILE).exists()
+
+
+def test_short_training_run_clinical_mode_feeds_each_cases_row(workspace):
+    trainer = make_trainer(workspace, CLINICAL_RUN)
+    trainer.initialize()
+    network = trainer.network
+    seen_conditions: list = []
+    network.register_forward_pre_hook(lambda module, args: seen_conditions.append(module.condition))
+    step_keys: list = []
+    for name in ("train_step", "validation_step"):
+        original = getattr(trainer, name)
+
+        def recording(batch, _original=original):
+            step_keys.append(list(batch["keys"]))
+            return _original(batch)
+
+        setattr(trainer, name, recording)
+
+    trainer.run_training()
+    checkpoint, log = _check_run(trainer)
+    assert "nnY-Net clinical mode" in log
+    # every training/validation forward got the rows of its batch keys, in order; the condition is cleared after
+    assert len(seen_conditions) == len(step_keys) == 3
+    for condition, keys in zip(seen_conditions, step_keys, strict=True):
+        expected = trainer.clinical_batch(keys)
+        torch.testing.assert_close(condition[0], expected[0])
+        torch.testing.assert_close(condition[1], expected[1])
+    assert network.condition is None
+    # the fold's statistics are saved beside the checkpoint and inside it
+    saved = json.loads((Path(trainer.output_folder) / CLINICAL_NORMALISATION_FILE).read_text())
+    assert checkpoint[CHECKPOINT_KEY] == saved == trainer.clinical_normalisation.to_dict()
+    assert saved["fitted_on"] == sorted(fold0_training_keys(workspace))
+
+    # nnU-Net's final validation predicts each validation case with that case's row set on the network
+    seen_conditions.clear()
+    trainer.perform_actual_validation()
+    (val_key,) = fold0(workspace)["val"]
+    assert seen_conditions and all(c is not None for c in seen_conditions)
+    expected = trainer.clinical_batch([val_key])
+    for condition in seen_conditions:
+        torch.testing.assert_close(condition[0], expected[0])
+    assert network.condition is None
+    assert (Path(trainer.output_folder) / "validation" / "summary.json").is_file()
+
+    # a new trainer (e.g. nnUNetv2_train --val) loads the checkpoint and keeps its statistics
+    again = make_trainer(workspace, CLINICAL_RUN)
+    again.load_checkpoint(str(Path(trainer.output_folder) / "checkpoint_final.pth"))
+    assert again.clinical_normalisation.to_dict() == saved
+    table = load_clinical_table(workspace["raw"])
+    assert again.clinical_table.rows == table.rows
