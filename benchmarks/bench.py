@@ -482,9 +482,11 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             result["phases"].remove("train")
 
     if spec.fused:
+        from nnyseg.network_architecture.building_blocks.reparam import count_inference_parameters
+
         network.eval()
         result["n_fused"] = int(network.switch_to_deploy())
-        result["params_m"] = sum(p.numel() for p in network.parameters()) / 1e6
+        result["params_m"] = count_inference_parameters(network) / 1e6  # the fused kernels it runs
 
     network.eval()
     network.decoder.deep_supervision = False

@@ -8,7 +8,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nnyseg.network_architecture.building_blocks.elan import ELANResBlock
-from nnyseg.network_architecture.building_blocks.reparam import RepConv, fuse_reparam_modules
+from nnyseg.network_architecture.building_blocks.reparam import (
+    RepConv,
+    count_inference_parameters,
+    fuse_reparam_modules,
+    unfuse_reparam_modules,
+)
 from nnyseg.network_architecture.elanres_msca_unet import ELANResMSCAUNet
 
 TOL = 1e-4
@@ -31,6 +36,25 @@ def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _branch_calls(module: nn.Module, x: torch.Tensor) -> int:
+    """Runs ``module(x)`` and counts the calls of the submodules of every RepConv's training-time branches."""
+    calls = []
+    handles = [
+        sub.register_forward_hook(lambda *_: calls.append(1))
+        for m in module.modules()
+        if isinstance(m, RepConv)
+        for branch in (m.dense, m.pointwise, m.identity)
+        if branch is not None
+        for sub in branch.modules()
+    ]
+    try:
+        module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return len(calls)
+
+
 @pytest.mark.parametrize("kernel_size", [3, (1, 3, 3)])
 @pytest.mark.parametrize(("in_ch", "out_ch"), [(6, 6), (4, 6)], ids=["identity", "no_identity"])
 def test_repconv_fused_equals_unfused(kernel_size, in_ch, out_ch):
@@ -48,9 +72,12 @@ def test_repconv_fused_equals_unfused(kernel_size, in_ch, out_ch):
     assert block.deployed
     assert fused.shape == reference.shape
     assert (fused - reference).abs().max().item() < TOL
-    assert _n_params(block) < n_before
-    assert not any(isinstance(m, _BatchNorm) for m in block.modules())
-    assert block.fused.bias is not None and tuple(block.fused.kernel_size) == block.kernel_size
+    # The branches stay (the state dict is the checkpoint format) but are no longer run: one biased k-sized conv.
+    assert _n_params(block) == n_before
+    assert tuple(block.fused_weight.shape) == (out_ch, in_ch, *block.kernel_size)
+    assert tuple(block.fused_bias.shape) == (out_ch,)
+    assert count_inference_parameters(block) == block.fused_weight.numel() + out_ch < n_before
+    assert _branch_calls(block, x) == 0
 
 
 @pytest.mark.parametrize(
@@ -163,7 +190,113 @@ def test_network_fused_equals_unfused(patch, kernels, strides, msca_mode):
     for a, b, c in zip(reference, fused, again, strict=True):
         assert (a - b).abs().max().item() < TOL
         assert torch.equal(b, c)
-    assert _n_params(net) < n_params
-    for m in net.modules():
-        if isinstance(m, RepConv):
-            assert not any(isinstance(sub, _BatchNorm) for sub in m.modules())
+    assert _n_params(net) == n_params
+    assert count_inference_parameters(net) < n_params
+    with torch.no_grad():
+        assert _branch_calls(net, x) == 0  # no branch conv or BN of any RepConv runs once deployed
+
+
+def _warmed_net(seed: int) -> ELANResMSCAUNet:
+    """A small network whose weights and BN statistics depend on ``seed`` (as two folds of one model would)."""
+    torch.manual_seed(seed)
+    kernels, strides = [[1, 3, 3], [3, 3, 3], [3, 3, 3]], [[1, 1, 1], [1, 2, 2], [2, 2, 2]]
+    net = ELANResMSCAUNet(1, 3, (4, 8, 16), nn.Conv3d, kernels, strides, 2, deep_supervision=False)
+    net.apply(net.initialize)
+    _warm_up_statistics(net, (2, 1, 8, 16, 16), seed=seed + 100)
+    return net.eval()
+
+
+def test_fusion_keeps_the_state_dict():
+    """Fusing is not a checkpoint format: same keys and values before and after, nothing fused is saved."""
+    net = _warmed_net(0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert net.switch_to_deploy() > 0
+    after = net.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("fused" in k for k in after)
+    assert all(m.fused_weight is not None for m in net.modules() if isinstance(m, RepConv))
+    # A deployed network loads an unfused checkpoint strictly, and vice versa.
+    _warmed_net(1).load_state_dict(after)
+    net.load_state_dict(before)
+
+
+def test_loading_weights_into_a_deployed_network_refuses_them():
+    """nnU-Net's predictor: build (deployed), then load fold after fold into the same network."""
+    x = torch.randn(1, 1, 8, 16, 16)
+    net = _warmed_net(0)
+    net.switch_to_deploy()
+    for seed in (1, 2):  # two "folds" with different weights and BN statistics
+        fold = _warmed_net(seed)
+        with torch.no_grad():
+            unfused = fold(x)
+        fresh = _warmed_net(0)
+        fresh.load_state_dict(fold.state_dict())
+        fresh.switch_to_deploy()
+        net.load_state_dict(fold.state_dict())
+        assert net.deployed
+        with torch.no_grad():
+            loaded, fresh_out = net(x), fresh(x)
+            assert _branch_calls(net, x) == 0
+        assert torch.equal(loaded, fresh_out)
+        assert (loaded - unfused).abs().max().item() < TOL
+    # A stale fused kernel would give fold 1's output: make sure the folds really differ.
+    with torch.no_grad():
+        assert (_warmed_net(1)(x) - loaded).abs().max().item() > 100 * TOL
+
+
+def test_deployed_repconv_is_inference_only_and_switches_back():
+    torch.manual_seed(5)
+    block = RepConv(4, 4, 3)
+    _randomize_norms(block)
+    block.eval()
+    x = torch.randn(2, 4, 4, 6, 6)
+    with torch.no_grad():
+        reference = block(x)
+    block.switch_to_deploy()
+    block.train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        block(x)
+    assert unfuse_reparam_modules(block) == 1 and not block.deployed
+    assert unfuse_reparam_modules(block) == 0
+    assert block.fused_weight is None and block.fused_bias is None
+    block(x).sum().backward()  # the branches train again
+    assert all(p.grad is not None for p in block.parameters())
+    block.eval()
+    with torch.no_grad():
+        unfused = block(x)  # the training step moved the BN statistics
+        assert not torch.equal(unfused, reference)
+        block.switch_to_deploy()
+        assert (block(x) - unfused).abs().max().item() < TOL
+
+
+def test_fused_buffers_follow_dtype_and_refresh_on_request():
+    torch.manual_seed(6)
+    block = RepConv(3, 5, (1, 3, 3))
+    _randomize_norms(block)
+    block.eval().switch_to_deploy()
+    block.double()
+    assert block.fused_weight.dtype == torch.float64
+    x = torch.randn(1, 3, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        block.dense.conv.weight.mul_(2)  # an in-place edit is not a load: refresh by hand
+        block.refresh_fused()
+        fused = block(x)
+        block.switch_to_train()
+        assert (block(x) - fused).abs().max().item() < 1e-10
+
+
+def test_fusion_under_inference_mode_then_loading_outside_it():
+    """nnU-Net predicts under torch.inference_mode(); buffers made there must not break a later load outside it."""
+    net = _warmed_net(0)
+    x = torch.randn(1, 1, 8, 16, 16)
+    with torch.inference_mode():
+        net.switch_to_deploy()
+        net(x)
+    fold = _warmed_net(1)
+    net.load_state_dict(fold.state_dict())
+    with torch.no_grad():
+        assert (net(x) - fold(x)).abs().max().item() < TOL
+    with torch.inference_mode():
+        net.load_state_dict(_warmed_net(2).state_dict())
+        assert (net(x) - _warmed_net(2)(x)).abs().max().item() < TOL

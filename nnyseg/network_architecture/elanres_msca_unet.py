@@ -10,7 +10,10 @@ The topology (stages, strides, kernels, widths) comes from nnU-Net plans, so the
   -> 1x1x1 segmentation head. All heads are always built, so checkpoints load with deep supervision on or off.
 - Outputs are raw logits. ``decoder.deep_supervision`` selects a list (highest resolution first, ``n_stages - 1``
   entries, as DNA's ``UNetDecoder``) or one full-resolution tensor.
-- ``switch_to_deploy()`` folds every ``RepConv`` into one convolution for inference (load weights first).
+- ``switch_to_deploy()`` makes every ``RepConv`` run as one fused convolution for inference. The state dict does not
+  change, and weights loaded afterwards are re-fused automatically, so it may be called before or after loading
+  (``ELANResMSCATrainer.build_network_architecture`` calls it for nnU-Net's predictor). ``switch_to_train()``
+  undoes it.
 
 Ablations of the paper (``use_elanres``, ``use_msca``): (False, False) plain U-Net, (False, True) MSCA-UNet,
 (True, False) ELANRes-UNet, (True, True) ELANRes-MSCA-UNet.
@@ -37,7 +40,13 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from nnyseg.network_architecture.building_blocks.elan import ELANResBlock
 from nnyseg.network_architecture.building_blocks.msca import MSCA_MODES, MSCABlock
-from nnyseg.network_architecture.building_blocks.reparam import ConvNormAct, RepConv, fuse_reparam_modules, to_tuple
+from nnyseg.network_architecture.building_blocks.reparam import (
+    ConvNormAct,
+    RepConv,
+    fuse_reparam_modules,
+    to_tuple,
+    unfuse_reparam_modules,
+)
 
 __all__ = ["DS_MODES", "NORM_OPS", "ELANResDecoder", "ELANResEncoder", "ELANResMSCAUNet", "PlainConvBlock"]
 
@@ -516,15 +525,25 @@ class ELANResMSCAUNet(AbstractDynamicNetworkArchitectures):
 
     @property
     def deployed(self) -> bool:
-        """True when no ``RepConv`` has unfused branches (also for networks without RepConvs)."""
+        """True when every ``RepConv`` runs fused (also for networks without RepConvs)."""
         return all(m.deployed for m in self.modules() if isinstance(m, RepConv))
 
     def switch_to_deploy(self) -> int:
-        """Folds every ``RepConv`` into a single convolution for inference; idempotent.
+        """Makes every ``RepConv`` run as a single fused convolution, for inference in eval mode; idempotent.
 
-        Call it after loading the trained weights: the fused network has different state-dict keys.
+        The state dict (keys and values) does not change. Weights loaded later with ``load_state_dict`` are re-fused
+        automatically, so this may be called before loading, as nnU-Net's predictor builds the network first and then
+        loads one fold after another into it. A deployed network raises in training mode; see :meth:`switch_to_train`.
 
         Returns:
             How many ``RepConv`` modules this call fused (0 when already deployed).
         """
         return fuse_reparam_modules(self)
+
+    def switch_to_train(self) -> int:
+        """Undoes :meth:`switch_to_deploy`: every ``RepConv`` runs (and trains) its branches again; idempotent.
+
+        Returns:
+            How many ``RepConv`` modules this call switched back.
+        """
+        return unfuse_reparam_modules(self)

@@ -6,6 +6,14 @@ nnU-Net's own trainers: nnU-Net searches its package first and would return its 
 
 from nnyseg.trainers.base import nnysegTrainer
 from nnyseg.trainers.dyntransnet import DynTransNetTrainer, DynTransNetTrainer_nnUNet
+from nnyseg.trainers.elanres_msca import ELANResMSCATrainer, ELANResMSCATrainer_nnUNet
 from nnyseg.trainers.nnynet import nnYNetTrainer
 
-__all__ = ["DynTransNetTrainer", "DynTransNetTrainer_nnUNet", "nnYNetTrainer", "nnysegTrainer"]
+__all__ = [
+    "DynTransNetTrainer",
+    "DynTransNetTrainer_nnUNet",
+    "ELANResMSCATrainer",
+    "ELANResMSCATrainer_nnUNet",
+    "nnYNetTrainer",
+    "nnysegTrainer",
+]

@@ -11,6 +11,13 @@ an affine map per channel). Norms that use per-sample statistics (InstanceNorm, 
 them the branches are plain biased convolutions and a single norm follows their sum, which still fuses exactly but
 keeps the norm at inference.
 
+Fusion never changes the state dict. The training-time branches are the only persistent state; the fused kernel and
+bias live in non-persistent buffers that :meth:`RepConv.switch_to_deploy` computes and ``forward`` then uses. A
+deployed block re-fuses after every ``load_state_dict`` (a load post-hook), so a network switched to deploy mode
+*before* its weights are loaded, as nnU-Net's predictor does (build, then ``load_state_dict`` once per fold into the
+same network), always runs the fused form of the weights it holds. :meth:`RepConv.switch_to_train` drops the fused
+buffers again.
+
 References:
     Ding X. et al., "RepVGG: Making VGG-style ConvNets Great Again", CVPR 2021 (``RepVGGBlock``).
     Wang C.-Y. et al., "YOLOv7", CVPR 2023 (``RepConv``).
@@ -27,7 +34,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-__all__ = ["ConvNormAct", "RepConv", "conv_dim", "fuse_reparam_modules", "to_tuple"]
+__all__ = [
+    "ConvNormAct",
+    "RepConv",
+    "conv_dim",
+    "count_inference_parameters",
+    "fuse_reparam_modules",
+    "to_tuple",
+    "unfuse_reparam_modules",
+]
 
 
 def conv_dim(conv_op: type[nn.Module]) -> int:
@@ -60,6 +75,9 @@ def to_tuple(value: int | Sequence[int], dim: int, name: str) -> tuple[int, ...]
     if len(out) != dim or any(v < 1 for v in out):
         raise ValueError(f"{name} must be a positive int or {dim} positive ints, got {value!r}")
     return out
+
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _numel(channels: int, size: Sequence[int]) -> int:
@@ -163,8 +181,11 @@ def _fold_norm(
 class RepConv(nn.Module):
     """Re-parameterisable convolution: ``act(N_k(Conv_k(x)) + N_1(Conv_1(x)) [+ N_id(x)])``.
 
-    After :meth:`switch_to_deploy` the block is ``act(Conv_k'(x))`` with one biased convolution whose output equals
-    the eval-mode output of the branched block. Fusion uses the BN running statistics and is meant for inference.
+    After :meth:`switch_to_deploy` the block computes ``act(Conv_k'(x))`` with one biased convolution whose output
+    equals the eval-mode output of the branched block. Fusion uses the BN running statistics and is for inference
+    only: a deployed block raises in training mode. The branches stay registered (``state_dict()`` keys and values
+    never change); the fused kernel and bias are the non-persistent buffers ``fused_weight`` and ``fused_bias``,
+    recomputed after every ``load_state_dict`` while the block is deployed.
 
     Args:
         in_channels: Input channels.
@@ -241,12 +262,15 @@ class RepConv(nn.Module):
         if norm_op is not None and not per_branch_norm:
             self.post_norm = norm_op(out_channels, **(norm_op_kwargs or {}))
         self.nonlin = nn.Identity() if nonlin is None else nonlin(**(nonlin_kwargs or {}))
-        self.fused = None
+        # Derived state only: never saved, so fusing does not change the checkpoint format.
+        self.register_buffer("fused_weight", None, persistent=False)
+        self.register_buffer("fused_bias", None, persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_fused_after_load)
 
     @property
     def deployed(self) -> bool:
-        """Whether the branches have been folded into ``self.fused``."""
-        return self.fused is not None
+        """Whether ``forward`` uses the fused kernel (``fused_weight``, ``fused_bias``) instead of the branches."""
+        return self.fused_weight is not None
 
     @property
     def num_branches(self) -> int:
@@ -256,8 +280,16 @@ class RepConv(nn.Module):
         return 2 + (self.identity is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None:
-            out = self.fused(x)
+        if self.fused_weight is not None:
+            if self.training:
+                raise RuntimeError(
+                    "a deployed RepConv is for inference only (its fused kernel holds the BN running statistics and "
+                    "receives no gradients): call eval() for inference or switch_to_train() to train"
+                )
+            padding = [k // 2 for k in self.kernel_size]
+            out = _CONV_FN[len(self.kernel_size)](
+                x, self.fused_weight, self.fused_bias, self.stride, padding, 1, self.groups
+            )
         else:
             out = self.dense(x) + self.pointwise(x)
             if self.identity is not None:
@@ -270,10 +302,8 @@ class RepConv(nn.Module):
         """Returns the kernel and bias of the single convolution equivalent to all branches (float64).
 
         Raises:
-            ValueError: If the block is already deployed or a branch norm cannot be folded.
+            ValueError: If a branch norm cannot be folded.
         """
-        if self.deployed:
-            raise ValueError("RepConv is already deployed; its branches are gone")
         kernel, bias = _fold_norm(self.dense.conv.weight, self.dense.conv.bias, self.dense.norm)
         kernel_1, bias_1 = _fold_norm(self.pointwise.conv.weight, self.pointwise.conv.bias, self.pointwise.norm)
         pad = []
@@ -295,26 +325,35 @@ class RepConv(nn.Module):
 
     @torch.no_grad()
     def switch_to_deploy(self) -> None:
-        """Folds all branches into one biased convolution in place; does nothing if already deployed."""
-        if self.deployed:
-            return
+        """Folds all branches into one biased convolution that ``forward`` then uses.
+
+        Idempotent. The branches and the state dict are unchanged; while deployed, the fused kernel is recomputed
+        after every ``load_state_dict``. Call :meth:`refresh_fused` after changing weights in place by other means.
+        """
+        if not self.deployed:
+            self.refresh_fused()
+
+    @torch.no_grad()
+    def refresh_fused(self) -> None:
+        """(Re)computes the fused kernel and bias from the current branch weights and BN statistics."""
         reference = self.dense.conv.weight
         kernel, bias = self.get_equivalent_kernel_bias()
-        fused = self.conv_op(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=[k // 2 for k in self.kernel_size],
-            groups=self.groups,
-            bias=True,
-        ).to(device=reference.device, dtype=reference.dtype)
-        fused.weight.copy_(kernel.to(reference.dtype))
-        fused.bias.copy_(bias.to(reference.dtype))
-        self.fused = fused
-        self.dense = None
-        self.pointwise = None
-        self.identity = None
+        kernel = kernel.to(device=reference.device, dtype=reference.dtype)
+        bias = bias.to(device=reference.device, dtype=reference.dtype)
+        old = self.fused_weight
+        in_place = old is not None and old.dtype == kernel.dtype and old.device == kernel.device
+        if in_place and not (old.is_inference() and not torch.is_inference_mode_enabled()):
+            # In place, so that compiled graphs and other holders of the buffers see the new values.
+            self.fused_weight.copy_(kernel)
+            self.fused_bias.copy_(bias)
+        else:
+            self.fused_weight = kernel
+            self.fused_bias = bias
+
+    def switch_to_train(self) -> None:
+        """Drops the fused kernel so that ``forward`` runs (and trains) the branches again; idempotent."""
+        self.fused_weight = None
+        self.fused_bias = None
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Feature-map elements: one output map per train-time branch (one once deployed)."""
@@ -322,10 +361,16 @@ class RepConv(nn.Module):
         return self.num_branches * _numel(self.out_channels, size)
 
 
+def _refresh_fused_after_load(module: nn.Module, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook of ``RepConv``: keeps a deployed block's fused kernel in step with its weights."""
+    if module.deployed:
+        module.refresh_fused()
+
+
 def fuse_reparam_modules(model: nn.Module) -> int:
     """Calls :meth:`RepConv.switch_to_deploy` on every not yet deployed ``RepConv`` inside ``model``.
 
-    Idempotent: a second call finds nothing left to fuse.
+    Idempotent: a second call finds nothing left to fuse. The state dict of ``model`` is unchanged.
 
     Args:
         model: Any module.
@@ -337,3 +382,34 @@ def fuse_reparam_modules(model: nn.Module) -> int:
     for module in pending:
         module.switch_to_deploy()
     return len(pending)
+
+
+def unfuse_reparam_modules(model: nn.Module) -> int:
+    """Calls :meth:`RepConv.switch_to_train` on every deployed ``RepConv`` inside ``model``.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        How many ``RepConv`` modules this call switched back to their branches.
+    """
+    deployed = [m for m in model.modules() if isinstance(m, RepConv) and m.deployed]
+    for module in deployed:
+        module.switch_to_train()
+    return len(deployed)
+
+
+def count_inference_parameters(model: nn.Module) -> int:
+    """Parameter count of the computation ``model`` runs now: a deployed ``RepConv`` counts its fused kernel and bias
+    instead of its (kept, but unused) branches.
+
+    Args:
+        model: Any module.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, RepConv) and m.deployed:
+            post_norm = 0 if m.post_norm is None else sum(p.numel() for p in m.post_norm.parameters())
+            own = sum(p.numel() for p in m.parameters()) - post_norm - sum(p.numel() for p in m.nonlin.parameters())
+            total += m.fused_weight.numel() + m.fused_bias.numel() - own
+    return total
