@@ -62,3 +62,61 @@ def nnunet_env(tmp_path, monkeypatch):
 def tree_digest(folder: Path) -> dict[str, bytes]:
     """File name -> bytes of every file under ``folder`` (to prove that nothing was modified)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def plan_micro_phantom(
+    root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dataset_id: int,
+    planner_cls,
+    *,
+    name: str,
+    num_training: int = 5,
+    num_test: int = 0,
+    quick_configuration: str | None = None,
+) -> tuple[Path, Path, dict]:
+    """Micro phantom -> nnU-Net fingerprint -> ``planner_cls`` plans -> preprocessed 3d_fullres, all in-process.
+
+    Points nnU-Net's three folders into ``root`` through ``monkeypatch``. With ``quick_configuration`` the plans get a
+    configuration of that name inheriting the tiny preset with a 1 epoch x 2 iterations schedule (for training tests).
+
+    Returns:
+        (raw dataset folder, preprocessed dataset folder, plans dict).
+    """
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
+
+    from nnyseg.data.phantom import write_nnunet_dataset
+    from nnyseg.planning.planners import TINY_CONFIGURATION
+    from nnyseg.trainers.base import PLANS_SETTINGS_KEY
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / var).mkdir(exist_ok=True)
+        monkeypatch.setenv(var, str(root / var))
+    raw = write_nnunet_dataset(
+        root / "nnUNet_raw",
+        dataset_id,
+        name,
+        num_training=num_training,
+        num_test=num_test,
+        preset="micro",
+        progress=False,
+    )
+    extract_fingerprint_dataset(dataset_id, num_processes=1)
+    planner = planner_cls(dataset_id)
+    planner.plan_experiment()
+    preprocess_dataset(dataset_id, planner.plans_identifier, ("3d_fullres",), (1,), show_progress_bar=False)
+    preprocessed = root / "nnUNet_preprocessed" / raw.name
+    plans_file = preprocessed / f"{planner.plans_identifier}.json"
+    plans = json.loads(plans_file.read_text())
+    if quick_configuration is not None:
+        plans["configurations"][quick_configuration] = {
+            "inherits_from": TINY_CONFIGURATION,
+            PLANS_SETTINGS_KEY: {
+                "num_epochs": 1,
+                "num_iterations_per_epoch": 2,
+                "num_val_iterations_per_epoch": 1,
+                "save_every": 1,
+            },
+        }
+        plans_file.write_text(json.dumps(plans, indent=1))
+    return raw, preprocessed, plans

@@ -15,13 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.helpers import softmax_helper_dim1
 
-from nnyseg.data.phantom import write_nnunet_dataset
 from nnyseg.planning.planners import TINY_CONFIGURATION, DynTransNetPlanner
 from nnyseg.trainers.base import PLANS_SETTINGS_KEY
 from nnyseg.trainers.dyntransnet import (
@@ -31,11 +29,11 @@ from nnyseg.trainers.dyntransnet import (
     deep_supervision_weights,
     iteration_budget,
 )
+from tests.conftest import plan_micro_phantom
 
 DATASET_ID = 981
 PLANS = DynTransNetPlanner.default_plans_name
 SMOKE = "3d_fullres_tiny_smoke"
-SMOKE_SETTINGS = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "save_every": 1}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -48,20 +46,10 @@ def planned(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("dyntransnet_trainer")
     mp = pytest.MonkeyPatch()
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / var).mkdir()
-        mp.setenv(var, str(root / var))
-    write_nnunet_dataset(
-        root / "nnUNet_raw", DATASET_ID, "DynTransTrainer", num_training=5, num_test=0, preset="micro", progress=False
+    _, folder, plans = plan_micro_phantom(
+        root, mp, DATASET_ID, DynTransNetPlanner, name="DynTransTrainer", quick_configuration=SMOKE
     )
-    extract_fingerprint_dataset(DATASET_ID, num_processes=1)
-    planner = DynTransNetPlanner(DATASET_ID)
-    planner.plan_experiment()
-    plans_file = next((root / "nnUNet_preprocessed").glob(f"Dataset{DATASET_ID}_*")) / f"{PLANS}.json"
-    plans = json.loads(plans_file.read_text())
-    plans["configurations"][SMOKE] = {"inherits_from": TINY_CONFIGURATION, PLANS_SETTINGS_KEY: SMOKE_SETTINGS}
-    plans_file.write_text(json.dumps(plans, indent=2))
-    preprocess_dataset(DATASET_ID, PLANS, ("3d_fullres",), (1,), show_progress_bar=False)
+    plans_file = folder / f"{PLANS}.json"
     dataset_json = json.loads((plans_file.parent / "dataset.json").read_text())
     # CPU-sized process counts for training (planning needs n_proc_DA > 0): augmentation in the main process, one
     # export/metrics worker. They change speed, not results.
@@ -262,11 +250,10 @@ def test_bad_loss_setting_and_ignore_label_are_clear_errors(planned):
     _, plans, ds_json = planned
     plans = deepcopy(plans)
     plans["configurations"]["bad_loss"] = {"inherits_from": TINY_CONFIGURATION, PLANS_SETTINGS_KEY: {"loss": "focal"}}
-    trainer = DynTransNetTrainer(
-        {**plans, "continue_training": False}, "bad_loss", 0, deepcopy(ds_json), device=torch.device("cpu")
-    )
     with pytest.raises(ValueError, match=r"configuration 'bad_loss': loss='focal' is not one of \('dice', 'nnunet'\)"):
-        trainer.initialize()
+        DynTransNetTrainer(
+            {**plans, "continue_training": False}, "bad_loss", 0, deepcopy(ds_json), device=torch.device("cpu")
+        )
 
     ignore_json = {**ds_json, "labels": {**ds_json["labels"], "ignore": 3}}
     trainer = _make_trainer(DynTransNetTrainer, planned, dataset_json=ignore_json)

@@ -21,12 +21,12 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from nnyseg.data.phantom import write_nnunet_dataset
 from nnyseg.losses.hybrid import HybridLoss1, HybridLoss2
 from nnyseg.network_architecture.building_blocks.reparam import RepConv
 from nnyseg.planning.planners import TINY_CONFIGURATION, ELANResMSCAPlanner
 from nnyseg.trainers.base import PLANS_SETTINGS_KEY, _EpochStepLR
 from nnyseg.trainers.elanres_msca import ELANRES_PAPER_SETTINGS, ELANResMSCATrainer, ELANResMSCATrainer_nnUNet
+from tests.conftest import plan_micro_phantom
 
 DATASET_ID = 994
 PLANS = "ELANResMSCAPlans"
@@ -37,32 +37,11 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """Micro phantom -> fingerprint -> ELANResMSCAPlans (+ the quick configuration) -> 3d_fullres data."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
-
     root = tmp_path_factory.mktemp("elanres_trainer")
     mp = pytest.MonkeyPatch()
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / var).mkdir()
-        mp.setenv(var, str(root / var))
-    write_nnunet_dataset(
-        root / "nnUNet_raw", DATASET_ID, "ElanTrainer", num_training=5, num_test=0, preset="micro", progress=False
+    _, folder, plans = plan_micro_phantom(
+        root, mp, DATASET_ID, ELANResMSCAPlanner, name="ElanTrainer", quick_configuration=QUICK
     )
-    extract_fingerprint_dataset(DATASET_ID, num_processes=1)
-    planner = ELANResMSCAPlanner(DATASET_ID)
-    planner.plan_experiment()
-    preprocess_dataset(DATASET_ID, PLANS, ("3d_fullres",), (1,), show_progress_bar=False)
-    folder = next((root / "nnUNet_preprocessed").glob(f"Dataset{DATASET_ID}_*"))
-    plans = json.loads((folder / f"{PLANS}.json").read_text())
-    plans["configurations"][QUICK] = {
-        "inherits_from": TINY_CONFIGURATION,
-        PLANS_SETTINGS_KEY: {
-            "num_epochs": 1,
-            "num_iterations_per_epoch": 2,
-            "num_val_iterations_per_epoch": 1,
-            "save_every": 1,
-        },
-    }
-    (folder / f"{PLANS}.json").write_text(json.dumps(plans, indent=1))
     yield {
         "root": root,
         "folder": folder,

@@ -14,12 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
 from nnyseg.data.clinical import ClinicalNormalisation, dataset_case_ids, load_clinical_table
-from nnyseg.data.phantom import write_nnunet_dataset
 from nnyseg.losses.dice_focal_ce import DiceFocalCELoss
 from nnyseg.planning.planners import TINY_CONFIGURATION, nnYNetPlanner
 from nnyseg.trainers.base import PLANS_SETTINGS_KEY
@@ -29,6 +27,7 @@ from nnyseg.trainers.nnynet import (
     add_clinical_configuration,
     nnYNetTrainer,
 )
+from tests.conftest import plan_micro_phantom
 
 DATASET_ID = 994
 PLANS = "nnYNetPlans"
@@ -49,17 +48,8 @@ def workspace(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("nnynet")
     mp = pytest.MonkeyPatch()
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / var).mkdir()
-        mp.setenv(var, str(root / var))
     mp.setenv("nnUNet_n_proc_DA", "1")  # the planner sets torch's thread count from it
-    raw = write_nnunet_dataset(
-        root / "nnUNet_raw", DATASET_ID, "YNetPhantom", num_training=5, num_test=1, preset="micro", progress=False
-    )
-    extract_fingerprint_dataset(DATASET_ID, num_processes=1)
-    planner = nnYNetPlanner(DATASET_ID)
-    planner.plan_experiment()
-    preprocess_dataset(DATASET_ID, PLANS, ["3d_fullres"], [1], show_progress_bar=False)
+    raw, _, _ = plan_micro_phantom(root, mp, DATASET_ID, nnYNetPlanner, name="YNetPhantom", num_test=1)
     mp.setenv("nnUNet_n_proc_DA", "0")  # training: single-threaded data augmentation (tiny inputs, 2 CPU cores)
     mp.setattr(trainer_module, "default_num_processes", 1)  # export/metrics pool of the final validation
     threads = torch.get_num_threads()

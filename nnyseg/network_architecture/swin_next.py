@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils.checkpoint import checkpoint
 
+from nnyseg.network_architecture.building_blocks.checks import check_network_input
 from nnyseg.network_architecture.building_blocks.cross_attention import (
     CROSS_ATTENTION_MODES,
     BottleneckCrossAttention,
@@ -372,16 +373,7 @@ class SwinNeXtUNet(nn.Module):
             )
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 5:
-            raise ValueError(f"SwinNeXtUNet expects a 5D input (B, C, D, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] != self.input_channels:
-            raise ValueError(
-                f"SwinNeXtUNet was built for {self.input_channels} input channels, got shape {tuple(x.shape)}"
-            )
-        try:
-            self.check_patch_size(x.shape[2:])
-        except ValueError as err:
-            raise ValueError(f"input shape {tuple(x.shape)}: {err}") from None
+        check_network_input("SwinNeXtUNet", x, self.input_channels, self.check_patch_size)
 
     # ------------------------------------------------------------------ clinical condition
     @staticmethod

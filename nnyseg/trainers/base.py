@@ -145,9 +145,22 @@ class nnysegTrainer(nnUNetTrainer):
         overrides = self.configuration_manager.configuration.get(PLANS_SETTINGS_KEY)
         source = f"plans '{self.plans_manager.plans_name}', configuration '{configuration}'"
         self.resolved_settings = resolve_settings(type(self).settings, overrides, source=source)
+        type(self).check_settings(self.resolved_settings, source)
         for name in _NNUNET_ATTRIBUTES:
             setattr(self, name, self.resolved_settings[name])
         self.print_to_log_file(f"nnyseg trainer settings ({type(self).__name__}): {self.resolved_settings}")
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any], source: str) -> None:
+        """Validate the settings a subclass adds (the base checks nnU-Net's); called once, at construction.
+
+        Args:
+            settings: The merged settings.
+            source: Where overrides came from (plans and configuration), to start error messages with.
+
+        Raises:
+            ValueError: A setting has a value the trainer cannot use.
+        """
 
     @staticmethod
     def build_network_architecture(

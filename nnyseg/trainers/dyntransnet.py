@@ -198,14 +198,13 @@ class DynTransNetTrainer(nnysegTrainer):
         }
     )
 
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any], source: str) -> None:
+        if settings["loss"] not in LOSSES:
+            raise ValueError(f"{source}: loss={settings['loss']!r} is not one of {LOSSES}")
+
     def _build_loss(self) -> nn.Module:
-        loss = self.resolved_settings["loss"]
-        if loss not in LOSSES:
-            raise ValueError(
-                f"plans '{self.plans_manager.plans_name}', configuration '{self.configuration_name}': "
-                f"loss={loss!r} is not one of {LOSSES}"
-            )
-        if loss == "nnunet":
+        if self.resolved_settings["loss"] == "nnunet":
             return super()._build_loss()
         if self.label_manager.has_ignore_label:
             raise ValueError(

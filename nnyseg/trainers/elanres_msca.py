@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -79,26 +78,6 @@ def _unwrap(network: nn.Module) -> nn.Module:
     return network
 
 
-def _validate(settings: Mapping[str, Any], source: str) -> None:
-    """Checks this trainer's own settings (the base class checks nnU-Net's)."""
-    if settings["loss"] not in _LOSS_CHOICES:
-        raise ValueError(f"{source}: loss={settings['loss']!r} is not one of {_LOSS_CHOICES}")
-    if settings["ds_weights"] not in _DS_CHOICES:
-        raise ValueError(f"{source}: ds_weights={settings['ds_weights']!r} is not one of {_DS_CHOICES}")
-    for key in ("loss_bce_weight", "loss_smooth", "tversky_alpha", "tversky_beta", "ds_alpha"):
-        if not isinstance(settings[key], (int, float)) or settings[key] < 0:
-            raise ValueError(f"{source}: {key} must be a number >= 0, got {settings[key]!r}")
-    if not isinstance(settings["ds_alpha_decay"], (int, float)) or not 0 < settings["ds_alpha_decay"] <= 1:
-        raise ValueError(f"{source}: ds_alpha_decay must be in (0, 1], got {settings['ds_alpha_decay']!r}")
-    if not isinstance(settings["ds_alpha_every"], int) or settings["ds_alpha_every"] < 1:
-        raise ValueError(f"{source}: ds_alpha_every must be a positive integer, got {settings['ds_alpha_every']!r}")
-    n = settings["ds_num_supervised"]
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise ValueError(f"{source}: ds_num_supervised must be a positive integer or None, got {n!r}")
-    if not isinstance(settings["dice_squared"], bool):
-        raise ValueError(f"{source}: dice_squared must be true or false, got {settings['dice_squared']!r}")
-
-
 class ELANResMSCATrainer(nnysegTrainer):
     """ELANRes-MSCA-UNet with the paper's recipe; prediction runs the fused (re-parameterised) network.
 
@@ -110,17 +89,25 @@ class ELANResMSCATrainer(nnysegTrainer):
 
     settings: Mapping[str, Any] = ELANRES_PAPER_SETTINGS
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),  # noqa: B008 - the signature must match nnUNetTrainer's
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        source = f"plans '{self.plans_manager.plans_name}', configuration '{configuration}'"
-        _validate(self.resolved_settings, source)
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any], source: str) -> None:
+        """Checks this trainer's own settings (the base class checks nnU-Net's)."""
+        if settings["loss"] not in _LOSS_CHOICES:
+            raise ValueError(f"{source}: loss={settings['loss']!r} is not one of {_LOSS_CHOICES}")
+        if settings["ds_weights"] not in _DS_CHOICES:
+            raise ValueError(f"{source}: ds_weights={settings['ds_weights']!r} is not one of {_DS_CHOICES}")
+        for key in ("loss_bce_weight", "loss_smooth", "tversky_alpha", "tversky_beta", "ds_alpha"):
+            if not isinstance(settings[key], (int, float)) or settings[key] < 0:
+                raise ValueError(f"{source}: {key} must be a number >= 0, got {settings[key]!r}")
+        if not isinstance(settings["ds_alpha_decay"], (int, float)) or not 0 < settings["ds_alpha_decay"] <= 1:
+            raise ValueError(f"{source}: ds_alpha_decay must be in (0, 1], got {settings['ds_alpha_decay']!r}")
+        if not isinstance(settings["ds_alpha_every"], int) or settings["ds_alpha_every"] < 1:
+            raise ValueError(f"{source}: ds_alpha_every must be a positive integer, got {settings['ds_alpha_every']!r}")
+        n = settings["ds_num_supervised"]
+        if n is not None and (not isinstance(n, int) or n < 1):
+            raise ValueError(f"{source}: ds_num_supervised must be a positive integer or None, got {n!r}")
+        if not isinstance(settings["dice_squared"], bool):
+            raise ValueError(f"{source}: dice_squared must be true or false, got {settings['dice_squared']!r}")
 
     @staticmethod
     def build_network_architecture(
