@@ -56,7 +56,6 @@ from typing import Any
 import torch
 from timm.layers import trunc_normal_
 from torch import nn
-from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils.checkpoint import checkpoint
 
 from nnyseg.network_architecture.building_blocks.checks import check_network_input
@@ -72,7 +71,8 @@ from nnyseg.network_architecture.building_blocks.fusion import (
     WeightedSumFusion,
     make_fusion,
 )
-from nnyseg.network_architecture.building_blocks.norms import InstanceNorm3dAnySize, LayerNormNd
+from nnyseg.network_architecture.building_blocks.init import init_transformer_unet_weights
+from nnyseg.network_architecture.building_blocks.norms import InstanceNorm3dAnySize
 from nnyseg.network_architecture.building_blocks.swin import (
     PatchEmbed3d,
     SwinBlock3d,
@@ -793,16 +793,5 @@ class DynTransNet(nn.Module):
             module.reset_parameters()
         elif isinstance(module, WeightedSumFusion):
             nn.init.zeros_(module.logits)
-        elif isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
-            nn.init.kaiming_normal_(module.weight, a=1e-2)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, _InstanceNorm, LayerNormNd)):
-            if getattr(module, "weight", None) is not None:
-                nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+        else:
+            init_transformer_unet_weights(module)

@@ -23,9 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
-from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils.checkpoint import checkpoint
 
 from nnyseg.network_architecture.building_blocks.checks import check_network_input
@@ -34,8 +32,8 @@ from nnyseg.network_architecture.building_blocks.cross_attention import (
     BottleneckCrossAttention,
     ZeroInitLinear,
 )
+from nnyseg.network_architecture.building_blocks.init import init_transformer_unet_weights
 from nnyseg.network_architecture.building_blocks.mednext import ConvResBlock, MedNeXtBlock, MedNeXtUpBlock
-from nnyseg.network_architecture.building_blocks.norms import LayerNormNd
 from nnyseg.network_architecture.building_blocks.swin import SwinEncoder3d
 
 __all__ = ["MedNeXtDecoder", "SwinNeXtEncoder", "SwinNeXtUNet"]
@@ -478,16 +476,5 @@ class SwinNeXtUNet(nn.Module):
         """
         if isinstance(module, ZeroInitLinear):
             module.reset_parameters()
-        elif isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
-            nn.init.kaiming_normal_(module.weight, a=1e-2)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm, _InstanceNorm, LayerNormNd)):
-            if getattr(module, "weight", None) is not None:
-                nn.init.ones_(module.weight)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
+        else:
+            init_transformer_unet_weights(module)
