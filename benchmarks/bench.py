@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime as dt
 import json
 import os
@@ -177,7 +178,7 @@ def resenc_m_topology(spacing: Sequence[float], patch_size: Sequence[int], *, ti
         ``(patch_size, architecture)`` with the patch made divisible by the strides.
     """
     with _quiet_stdout():
-        from nnyseg.planning.planners import conv_unet_topology, features_per_stage
+        from nnyseg.planning.planners import NNUNET_CONV_OPS, conv_unet_topology, features_per_stage
 
     patch, kernels, strides = conv_unet_topology([float(s) for s in spacing], [int(p) for p in patch_size])
     n = len(strides)
@@ -193,13 +194,7 @@ def resenc_m_topology(spacing: Sequence[float], patch_size: Sequence[int], *, ti
             "strides": strides,
             "n_blocks_per_stage": list(blocks_encoder[:n]),
             "n_conv_per_stage_decoder": [1] * (n - 1),
-            "conv_bias": True,
-            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-            "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-            "dropout_op": None,
-            "dropout_op_kwargs": None,
-            "nonlin": "torch.nn.LeakyReLU",
-            "nonlin_kwargs": {"inplace": True},
+            **copy.deepcopy(NNUNET_CONV_OPS),
         },
         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
     }

@@ -59,6 +59,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nnyseg.network_architecture.building_blocks.checks import check_network_input
+from nnyseg.network_architecture.building_blocks.decoding import decode_with_deep_supervision
 from nnyseg.network_architecture.building_blocks.dmsa import (
     DMSA_MODES,
     DenseSynthesizerBias,
@@ -489,15 +490,12 @@ class DynTransDecoder(nn.Module):
         """Decodes ``skips`` (highest resolution first, the bottleneck last)."""
         if len(skips) != len(self.stages) + 1:
             raise ValueError(f"expected {len(self.stages) + 1} skip maps, got {len(skips)}")
-        x = skips[-1]
-        outputs = []
-        last = len(self.stages) - 1
-        for s, stage in enumerate(self.stages):
-            x = _maybe_checkpoint(stage, x, skips[-(s + 2)], enabled=self.use_checkpoint)
-            if self.deep_supervision or s == last:
-                outputs.append(self.seg_layers[s](x))
-        outputs = outputs[::-1]
-        return outputs if self.deep_supervision else outputs[0]
+        return decode_with_deep_supervision(
+            skips,
+            self.seg_layers,
+            self.deep_supervision,
+            lambda s, x, skip: _maybe_checkpoint(self.stages[s], x, skip, enabled=self.use_checkpoint),
+        )
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Element count for one sample; ``input_size`` is the network's input (patch) size."""

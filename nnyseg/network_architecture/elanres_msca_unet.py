@@ -38,6 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from nnyseg.network_architecture.building_blocks.decoding import decode_with_deep_supervision
 from nnyseg.network_architecture.building_blocks.elan import ELANResBlock
 from nnyseg.network_architecture.building_blocks.msca import MSCA_MODES, MSCABlock
 from nnyseg.network_architecture.building_blocks.reparam import (
@@ -334,16 +335,14 @@ class ELANResDecoder(nn.Module):
 
     def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """Decodes the encoder outputs (bottleneck last) into logits."""
-        x = skips[-1]
-        outputs = []
-        last = len(self.stages) - 1
-        for s, (transpconv, stage) in enumerate(zip(self.transpconvs, self.stages, strict=True)):
-            x = stage(torch.cat((transpconv(x), skips[-(s + 2)]), dim=1))
-            if self.deep_supervision or s == last:
-                outputs.append(self.seg_layers[s](x))
-        outputs = outputs[::-1]
+        outputs = decode_with_deep_supervision(
+            skips,
+            self.seg_layers,
+            self.deep_supervision,
+            lambda s, x, skip: self.stages[s](torch.cat((self.transpconvs[s](x), skip), dim=1)),
+        )
         if not self.deep_supervision:
-            return outputs[0]
+            return outputs
         if self.ds_mode == "upsample":
             full = outputs[0].shape[2:]
             outputs = [outputs[0]] + [

@@ -32,6 +32,7 @@ from nnyseg.network_architecture.building_blocks.cross_attention import (
     BottleneckCrossAttention,
     ZeroInitLinear,
 )
+from nnyseg.network_architecture.building_blocks.decoding import decode_with_deep_supervision
 from nnyseg.network_architecture.building_blocks.init import init_transformer_unet_weights
 from nnyseg.network_architecture.building_blocks.mednext import ConvResBlock, MedNeXtBlock, MedNeXtUpBlock
 from nnyseg.network_architecture.building_blocks.swin import SwinEncoder3d
@@ -218,15 +219,12 @@ class MedNeXtDecoder(nn.Module):
         """Decodes ``skips`` (highest resolution first, the bottleneck last)."""
         if len(skips) != len(self.stages) + 1:
             raise ValueError(f"expected {len(self.stages) + 1} skip maps, got {len(skips)}")
-        x = skips[-1]
-        outputs = []
-        last = len(self.stages) - 1
-        for s, stage in enumerate(self.stages):
-            x = stage(x, skips[-(s + 2)], self.use_checkpoint)
-            if self.deep_supervision or s == last:
-                outputs.append(self.seg_layers[s](x))
-        outputs = outputs[::-1]
-        return outputs if self.deep_supervision else outputs[0]
+        return decode_with_deep_supervision(
+            skips,
+            self.seg_layers,
+            self.deep_supervision,
+            lambda s, x, skip: self.stages[s](x, skip, self.use_checkpoint),
+        )
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Element count for one sample; ``input_size`` is the network's input (patch) size."""

@@ -36,6 +36,16 @@ from nnyseg.trainers.base import PLANS_SETTINGS_KEY
 
 TINY_CONFIGURATION = "3d_fullres_tiny"
 CONV3D = "torch.nn.modules.conv.Conv3d"
+#: The ops nnU-Net's default planner writes for its 3D U-Nets (PlainConvUNet, ResidualEncoderUNet).
+NNUNET_CONV_OPS: dict[str, Any] = {
+    "conv_bias": True,
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+    "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+    "dropout_op": None,
+    "dropout_op_kwargs": None,
+    "nonlin": "torch.nn.LeakyReLU",
+    "nonlin_kwargs": {"inplace": True},
+}
 
 
 def conv_unet_topology(spacing: list[float], patch_size: list[int]) -> tuple[list[int], list[list[int]], list]:
@@ -249,13 +259,7 @@ class nnysegBaselinePlanner(nnysegPlannerBase):
                 "strides": strides,
                 "n_conv_per_stage": [2] * n,
                 "n_conv_per_stage_decoder": [2] * (n - 1),
-                "conv_bias": True,
-                "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-                "dropout_op": None,
-                "dropout_op_kwargs": None,
-                "nonlin": "torch.nn.LeakyReLU",
-                "nonlin_kwargs": {"inplace": True},
+                **deepcopy(NNUNET_CONV_OPS),
             },
             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
         }
