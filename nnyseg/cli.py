@@ -59,12 +59,52 @@ def _cmd_trainer_dir(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from nnyseg.evaluation.dice import evaluate_folders, format_summary
+    from nnyseg.evaluation.metrics import evaluate_folders, format_summary, write_outputs
 
-    result = evaluate_folders(args.gt, args.pred, output_json=args.output)
+    result = evaluate_folders(args.gt, args.pred, num_processes=args.num_processes)
     print(format_summary(result))
     if args.output:
-        print(f"metrics written to {args.output}")
+        written = write_outputs(result, args.output)
+        print(f"metrics written to {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from nnyseg.data import convert
+
+    if args.source_kind == "dicom":
+        out = convert.convert_dicom(args.source, args.output_file, series_uid=args.series_uid, overwrite=args.overwrite)
+        print(f"DICOM series written to {out}")
+        return 0
+    raw = Path(args.output) if args.output else None
+    converter = {"lits": convert.convert_lits, "atlas": convert.convert_atlas}[args.source_kind]
+    folder = converter(args.source, args.dataset_id, name=args.name, raw_root=raw, overwrite=args.overwrite)
+    print(f"nnU-Net raw dataset written to {folder}")
+    return 0
+
+
+def _cmd_export_submission(args: argparse.Namespace) -> int:
+    from nnyseg.evaluation.submission import export_submission
+
+    out = export_submission(args.pred_dir, args.output_zip, args.test_volumes, overwrite=args.overwrite)
+    print(f"submission archive written and validated: {out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from nnyseg.evaluation.report import write_report
+
+    out = write_report(
+        args.images, args.gt, args.pred, args.output, metrics=args.metrics, results=args.results, title=args.title
+    )
+    print(f"QC report written to {out}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace, rest: list[str]) -> int:
+    from nnyseg.prediction import main
+
+    main(rest)
     return 0
 
 
@@ -131,11 +171,64 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("trainer-dir", help="print the folder to put into nnUNet_extTrainer")
     p.set_defaults(func=_cmd_trainer_dir)
 
-    p = sub.add_parser("evaluate", help="Dice per class and case, and global Dice, of predictions against labels")
+    p = sub.add_parser(
+        "evaluate",
+        help="LiTS-style metrics of predictions against labels: Dice, VOE, RVD, surface distances, lesion detection",
+    )
     p.add_argument("--gt", required=True, help="folder of ground-truth label files")
     p.add_argument("--pred", required=True, help="folder of predicted label files (same names)")
-    p.add_argument("-o", "--output", help="write the metrics as JSON to this file")
+    p.add_argument("-o", "--output", help="folder to write metrics.json, per_case.csv and summary.md into")
+    p.add_argument("-np", "--num-processes", type=int, default=1, help="cases evaluated in parallel (default: 1)")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("convert", help="LiTS / ATLAS release -> nnU-Net raw dataset; DICOM CT series -> NIfTI")
+    conv = p.add_subparsers(dest="source_kind", metavar="SOURCE", required=True)
+    for kind, what, default_name in (
+        ("lits", "the LiTS release (volume-N.nii, segmentation-N.nii, test-volume-N.nii)", "LiTS"),
+        ("atlas", "the ATLAS 2023 MRI release (image and label folders matched by case number)", "ATLAS"),
+    ):
+        c = conv.add_parser(kind, help=f"convert {what}")
+        c.add_argument("source", help="folder of the downloaded release (only read, never modified)")
+        c.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+        c.add_argument("--name", default=default_name, help="dataset name (default: %(default)s)")
+        c.add_argument("-o", "--output", help="raw folder to write into (default: $nnUNet_raw)")
+        c.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same name")
+        c.set_defaults(func=_cmd_convert)
+    c = conv.add_parser("dicom", help="convert one CT DICOM series into a NIfTI file")
+    c.add_argument("source", help="folder holding the DICOM series")
+    c.add_argument("output_file", help="NIfTI file to write (.nii.gz)")
+    c.add_argument("--series-uid", help="series to read when the folder holds several")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    c.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("export-submission", help="predictions -> validated LiTS leaderboard archive")
+    p.add_argument("pred_dir", help="folder of predicted label files of the converted LiTS test cases")
+    p.add_argument("output_zip", help="zip archive to write")
+    p.add_argument(
+        "--test-volumes", required=True, help="folder of the original LiTS test-volume-N.nii files (grid and header)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing archive")
+    p.set_defaults(func=_cmd_export_submission)
+
+    p = sub.add_parser("report", help="self-contained HTML QC page: metrics and overlays per case, worst first")
+    p.add_argument("--images", required=True, help="folder of the images (nnU-Net naming, CASE_0000.nii.gz)")
+    p.add_argument("--gt", required=True, help="folder of ground-truth label files")
+    p.add_argument("--pred", required=True, help="folder of predicted label files")
+    p.add_argument("output", help="folder to write index.html and its images into")
+    p.add_argument("--metrics", help="metrics.json of `nnyseg evaluate` (computed afresh when not given)")
+    p.add_argument("--results", help="nnU-Net results folder of the model, to link its training curves")
+    p.add_argument("--title", default="nnyseg QC report", help="page title")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "predict",
+        help="nnUNetv2_predict that also feeds each case's clinical features to nnY-Net (--clinical TABLE)",
+        add_help=False,
+        description="Takes nnUNetv2_predict's flags plus --clinical TABLE; see `nnyseg predict --help`.",
+    )
+    p.set_defaults(func=_cmd_predict, passthrough=True)
+
+    # --- cascade parsers (issue #5) go here ---
 
     p = sub.add_parser("overlay", help="PNG of image, ground truth and prediction through the largest tumour")
     p.add_argument("--image", required=True, help="image file (e.g. case_0000_0000.nii.gz)")
@@ -161,9 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "plan_and_preprocess":
+    passthrough = {"plan_and_preprocess": _cmd_plan_and_preprocess, "predict": _cmd_predict}
+    if argv and argv[0] in passthrough:
         # nnU-Net's own parser reads these flags (and answers --help), so they are passed through untouched.
-        command, run = argv[0], lambda: _cmd_plan_and_preprocess(argparse.Namespace(), argv[1:])
+        command, run = argv[0], lambda: passthrough[argv[0]](argparse.Namespace(), argv[1:])
     else:
         args = build_parser().parse_args(argv)
         command, run = args.command, lambda: args.func(args)
