@@ -78,7 +78,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         return 0
     raw = Path(args.output) if args.output else None
     converter = {"lits": convert.convert_lits, "atlas": convert.convert_atlas}[args.source_kind]
-    folder = converter(args.source, args.dataset_id, name=args.name, raw_root=raw, overwrite=args.overwrite)
+    folder = converter(
+        args.source,
+        args.dataset_id,
+        name=args.name,
+        raw_root=raw,
+        overwrite=args.overwrite,
+        num_processes=args.num_processes,
+    )
     print(f"nnU-Net raw dataset written to {folder}")
     return 0
 
@@ -95,7 +102,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from nnyseg.evaluation.report import write_report
 
     out = write_report(
-        args.images, args.gt, args.pred, args.output, metrics=args.metrics, results=args.results, title=args.title
+        args.images,
+        args.gt,
+        args.pred,
+        args.output,
+        metrics=args.metrics,
+        results=args.results,
+        title=args.title,
+        overwrite=args.overwrite,
     )
     print(f"QC report written to {out}")
     return 0
@@ -193,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--name", default=default_name, help="dataset name (default: %(default)s)")
         c.add_argument("-o", "--output", help="raw folder to write into (default: $nnUNet_raw)")
         c.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same name")
+        c.add_argument("-np", "--num-processes", type=int, default=2, help="cases converted in parallel (default: 2)")
         c.set_defaults(func=_cmd_convert)
     c = conv.add_parser("dicom", help="convert one CT DICOM series into a NIfTI file")
     c.add_argument("source", help="folder holding the DICOM series")
@@ -218,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="metrics.json of `nnyseg evaluate` (computed afresh when not given)")
     p.add_argument("--results", help="nnU-Net results folder of the model, to link its training curves")
     p.add_argument("--title", default="nnyseg QC report", help="page title")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(
