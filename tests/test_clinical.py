@@ -15,6 +15,7 @@ from nnyseg.data.clinical import (
     dataset_case_ids,
     find_clinical_table,
     fit_normalisation,
+    load_clinical_file,
     load_clinical_table,
 )
 from nnyseg.network_architecture.building_blocks.cross_attention import ClinicalTokenizer
@@ -255,39 +256,42 @@ def test_constant_and_all_missing_fields(dataset):
         fit_normalisation(table, ["case_0042"])
 
 
-def test_encode_shapes_values_and_missing(dataset):
+def test_network_input_is_raw_and_the_tokenizer_z_scores_with_the_fitted_statistics(dataset):
     write_table(dataset)
     table = load_clinical_table(dataset)
     stats = fit_normalisation(table, TRAIN)
     order = ["case_0004", "case_0002", "case_0000", "case_0003"]
-    values, missing = table.encode(order, stats)
+    values, missing = table.network_input(order)
     assert values.shape == missing.shape == (4, 3)
     assert values.dtype == torch.float32 and missing.dtype == torch.bool
-    mu_age, sd_age = np.mean([60, 70, 50]), np.std([60, 70, 50])
-    mu_afp, sd_afp = np.mean([10, 30, 20]), np.std([10, 30, 20])
-    expected = np.array(
-        [
-            [(90 - mu_age) / sd_age, 0.0, (1000 - mu_afp) / sd_afp],
-            [0.0, 2.0, (30 - mu_afp) / sd_afp],
-            [(60 - mu_age) / sd_age, 0.0, (10 - mu_afp) / sd_afp],
-            [(50 - mu_age) / sd_age, 0.0, (20 - mu_afp) / sd_afp],
-        ],
-        dtype=np.float32,
-    )
-    np.testing.assert_allclose(values.numpy(), expected, rtol=1e-6)
+    # raw values (0 where missing): the statistics live in the network, so every fold can carry its own
+    np.testing.assert_allclose(values.numpy(), [[90, 0, 1000], [0, 2, 30], [60, 0, 10], [50, 0, 20]])
     np.testing.assert_array_equal(
         missing.numpy(),
         [[False, True, False], [True, False, False], [False, False, False], [False, True, False]],
     )
-    # the encoded rows are what the network's tokenizer takes
     tokenizer = ClinicalTokenizer(table.schema, dim=8).eval()
+    stats.apply_to(tokenizer)
     tokens = tokenizer(values, missing)
     assert tokens.shape == (4, 3, 8)
+    mu_age, sd_age = np.mean([60, 70, 50]), np.std([60, 70, 50])
+    mu_afp, sd_afp = np.mean([10, 30, 20]), np.std([10, 30, 20])
+    age, afp = 0, 1  # rows of numeric_weight / numeric_bias
+    for row, case_age, case_afp in ((2, 60, 10), (3, 50, 20)):
+        z_age, z_afp = (case_age - mu_age) / sd_age, (case_afp - mu_afp) / sd_afp
+        want_age = z_age * tokenizer.numeric_weight[age] + tokenizer.numeric_bias[age]
+        want_afp = z_afp * tokenizer.numeric_weight[afp] + tokenizer.numeric_bias[afp]
+        torch.testing.assert_close(tokens[row, 0], want_age)
+        torch.testing.assert_close(tokens[row, 2], want_afp)
     torch.testing.assert_close(tokens[0, 1], tokenizer.missing_tokens[1])
     torch.testing.assert_close(tokens[1, 0], tokenizer.missing_tokens[0])
+    # the statistics are persistent buffers: they travel in the state dict
+    state = tokenizer.state_dict()
+    torch.testing.assert_close(state["numeric_mean"], torch.tensor([mu_age, mu_afp], dtype=torch.float32))
+    torch.testing.assert_close(state["numeric_std"], torch.tensor([sd_age, sd_afp], dtype=torch.float32))
 
 
-def test_normalisation_round_trips_through_json_and_encodes_raw_records(dataset, tmp_path):
+def test_normalisation_round_trips_through_json_and_checks_the_network(dataset, tmp_path):
     write_table(dataset)
     table = load_clinical_table(dataset)
     stats = fit_normalisation(table, TRAIN)
@@ -295,11 +299,10 @@ def test_normalisation_round_trips_through_json_and_encodes_raw_records(dataset,
     stats.save(path)
     again = ClinicalNormalisation.load(path)
     assert again == stats and json.loads(path.read_text())["numeric"]["age"]["n_cases"] == 3
-    records = [CASES["case_0004"], CASES["case_0003"]]
-    for got, want in zip(again.encode_records(records), table.encode(["case_0004", "case_0003"], stats), strict=True):
-        torch.testing.assert_close(got, want)
-    with pytest.raises(ValueError, match="unknown category 'cyst'"):
-        again.encode_records([{"diagnosis": "cyst"}])
+    with pytest.raises(ValueError, match="clinical fields"):
+        again.apply_to(ClinicalTokenizer(SCHEMA[:2], dim=4))
+    with pytest.raises(ValueError, match="no clinical tokenizer"):
+        again.apply_to(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="no mean/std for numeric field 'age'"):
         ClinicalNormalisation.from_dict({**stats.to_dict(), "numeric": {}})
     bad = stats.to_dict()
@@ -317,3 +320,21 @@ def test_schema_comparison(dataset):
     stats = fit_normalisation(table, TRAIN)
     with pytest.raises(ValueError, match="does not match"):
         stats.check_schema(SCHEMA[:2], where="the network")
+
+
+def test_load_clinical_file_reads_a_table_of_new_cases_on_its_own(dataset, tmp_path):
+    new_cases = {"case_0100": {"age": 55, "diagnosis": "HCC", "afp": 3.0}, "case_0101": {"age": None}}
+    path = tmp_path / "new.json"
+    path.write_text(json.dumps({"schema": SCHEMA, "cases": new_cases}))
+    table = load_clinical_file(path)
+    assert table.case_ids == ["case_0100", "case_0101"]
+    values, missing = table.network_input(["case_0101", "case_0100"])
+    np.testing.assert_allclose(values.numpy(), [[0, 0, 0], [55, 0, 3]])
+    np.testing.assert_array_equal(missing.numpy(), [[True, True, True], [False, False, False]])
+    csv_path = write_csv(tmp_path, "case_id,age,diagnosis,afp\ncase_0100,55,HCC,3\n")
+    assert load_clinical_file(csv_path).rows == {"case_0100": table.rows["case_0100"]}
+    path.write_text(json.dumps({"schema": SCHEMA, "cases": {"case_0100": {"age": "old"}}}))
+    with pytest.raises(ClinicalTableError, match=r"(?s)new.json.*case 'case_0100', field 'age'"):
+        load_clinical_file(path)
+    with pytest.raises(FileNotFoundError, match=r"nope\.json"):
+        load_clinical_file(tmp_path / "nope.json")

@@ -22,7 +22,6 @@ from nnyseg.losses.dice_focal_ce import DiceFocalCELoss
 from nnyseg.planning.planners import TINY_CONFIGURATION, nnYNetPlanner
 from nnyseg.trainers.base import PLANS_SETTINGS_KEY
 from nnyseg.trainers.nnynet import (
-    CHECKPOINT_KEY,
     CLINICAL_NORMALISATION_FILE,
     add_clinical_configuration,
     nnYNetTrainer,
@@ -159,15 +158,16 @@ def test_clinical_batch_maps_keys_to_rows_in_order(workspace):
     saved = ClinicalNormalisation.load(Path(trainer.output_folder) / CLINICAL_NORMALISATION_FILE)
     assert saved == stats
 
+    # the fold's statistics are in the network's tokenizer, which z-scores the raw rows
+    tokenizer = trainer.network.cross_attention.tokenizer
+    assert tokenizer.numeric_mean.tolist() == pytest.approx([mean]) and tokenizer.numeric_std.tolist() == pytest.approx(
+        [sd]
+    )
+
     keys = [ids[3], ids[1], ids[5], ids[0]]  # any order, a missing age, the imagesTs case
     values, missing = trainer.clinical_batch(keys)
     assert values.shape == missing.shape == (4, 2) and values.dtype == torch.float32
-    expected = [
-        [(AGES[3] - mean) / sd, 0.0],
-        [0.0, 1.0],
-        [(AGES[5] - mean) / sd, 0.0],
-        [(AGES[0] - mean) / sd, 0.0],
-    ]
+    expected = [[AGES[3], 0.0], [0.0, 1.0], [AGES[5], 0.0], [AGES[0], 0.0]]
     np.testing.assert_allclose(values.numpy(), expected, rtol=1e-5)
     np.testing.assert_array_equal(missing.numpy(), [[False, False], [True, False], [False, False], [False, False]])
     with pytest.raises(KeyError, match="case_9999"):
@@ -225,7 +225,7 @@ def test_short_training_run_latent_mode(workspace):
     checkpoint, log = _check_run(trainer)
     assert "cross-attention mode: 'latent'" in log
     assert "cross_attention.latent_tokens" in checkpoint["network_weights"]
-    assert CHECKPOINT_KEY not in checkpoint
+    assert not any("numeric_mean" in k for k in checkpoint["network_weights"])
     assert not (Path(trainer.output_folder) / CLINICAL_NORMALISATION_FILE).exists()
 
 
@@ -257,7 +257,12 @@ def test_short_training_run_clinical_mode_feeds_each_cases_row(workspace):
     assert network.condition is None
     # the fold's statistics are saved beside the checkpoint and inside it
     saved = json.loads((Path(trainer.output_folder) / CLINICAL_NORMALISATION_FILE).read_text())
-    assert checkpoint[CHECKPOINT_KEY] == saved == trainer.clinical_normalisation.to_dict()
+    assert saved == trainer.clinical_normalisation.to_dict()
+    weights = checkpoint["network_weights"]
+    assert weights["cross_attention.tokenizer.numeric_mean"].tolist() == pytest.approx(
+        [saved["numeric"]["age"]["mean"]]
+    )
+    assert weights["cross_attention.tokenizer.numeric_std"].tolist() == pytest.approx([saved["numeric"]["age"]["std"]])
     assert saved["fitted_on"] == sorted(fold0_training_keys(workspace))
 
     # nnU-Net's final validation predicts each validation case with that case's row set on the network
@@ -277,3 +282,104 @@ def test_short_training_run_clinical_mode_feeds_each_cases_row(workspace):
     assert again.clinical_normalisation.to_dict() == saved
     table = load_clinical_table(workspace["raw"])
     assert again.clinical_table.rows == table.rows
+
+
+# ------------------------------------------------------------------------------------------------------- prediction
+@pytest.fixture(scope="module")
+def clinical_model(workspace):
+    """Folds 0 and 1 of the clinical configuration, trained briefly: two folds with their own statistics."""
+    means = {}
+    for fold in (0, 1):
+        trainer = make_trainer(workspace, CLINICAL_RUN, fold=fold)
+        trainer.run_training()
+        means[fold] = trainer.clinical_normalisation.mean["age"]
+    assert means[0] != means[1]  # the folds' training cases differ, and so do their statistics
+    return {"folder": Path(trainer.output_folder).parent, "age_means": means}
+
+
+def _prediction_inputs(ws: dict, folder: Path) -> list[str]:
+    """Two cases to predict: the imagesTs case and a training case (so two different clinical rows)."""
+    import shutil
+
+    folder.mkdir()
+    cases = [ws["ids"][5], ws["ids"][1]]  # case_0005 (imagesTs), case_0001 (its age is missing)
+    for case in cases:
+        split = "imagesTs" if case == ws["ids"][5] else "imagesTr"
+        shutil.copy(ws["raw"] / split / f"{case}_0000.nii.gz", folder / f"{case}_0000.nii.gz")
+    return cases
+
+
+def _predict_argv(inputs: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "-i", str(inputs), "-o", str(output), "-d", str(DATASET_ID), "-c", CLINICAL_RUN, "-tr", "nnYNetTrainer",
+        "-p", PLANS, "-f", "0", "1", "-device", "cpu", "--disable_tta", "--disable_progress_bar", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("processes", [("-npp", "0", "-nps", "0"), ("-npp", "1", "-nps", "1")], ids=["seq", "mp"])
+def test_nnyseg_predict_feeds_each_cases_row_to_every_fold(workspace, clinical_model, tmp_path, monkeypatch, processes):
+    from nnyseg.network_architecture.swin_next import SwinNeXtUNet
+    from nnyseg.prediction import main
+
+    cases = _prediction_inputs(workspace, tmp_path / "in")
+    table = tmp_path / "new_cases.json"
+    rows = {cases[0]: {"age": 80.0, "diagnosis": "metastasis"}, cases[1]: {"age": None, "diagnosis": "HCC"}}
+    table.write_text(json.dumps({"schema": SCHEMA, "cases": rows}))
+
+    seen = []  # (condition values, condition missing, the fold's age mean) of every forward pass
+    original_forward = SwinNeXtUNet.forward
+
+    def recording_forward(self, x, *args, **kwargs):
+        values, missing = self.condition
+        seen.append((values.tolist(), missing.tolist(), self.cross_attention.tokenizer.numeric_mean.item()))
+        return original_forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(SwinNeXtUNet, "forward", recording_forward)
+    main(_predict_argv(tmp_path / "in", tmp_path / "out", *processes, "--clinical", str(table)))
+
+    for case in cases:
+        assert (tmp_path / "out" / f"{case}.nii.gz").is_file()
+    # raw rows (the network z-scores them with the statistics of the fold whose weights are loaded)
+    expected_rows = {((80.0, 1.0), (False, False)), ((0.0, 0.0), (True, False))}
+    assert {(tuple(v[0]), tuple(m[0])) for v, m, _ in seen} == expected_rows
+    assert all(len(values) == 1 for values, _, _ in seen)  # one case per sliding-window batch
+    # both folds predicted both cases, each fold with its own statistics
+    folds_per_row = {}
+    for values, missing, mean in seen:
+        folds_per_row.setdefault((tuple(values[0]), tuple(missing[0])), set()).add(round(mean, 4))
+    expected_means = {round(m, 4) for m in clinical_model["age_means"].values()}
+    assert all(means == expected_means for means in folds_per_row.values())
+
+
+def test_a_clinical_model_without_features_warns_once_and_uses_missing_tokens(workspace, clinical_model, tmp_path):
+    from nnyseg.prediction import main
+
+    _prediction_inputs(workspace, tmp_path / "in")
+    with pytest.warns(UserWarning, match="got no clinical input") as caught:
+        main(_predict_argv(tmp_path / "in", tmp_path / "out", "-npp", "0", "-nps", "0"))
+    assert sum("got no clinical input" in str(w.message) for w in caught) == 1  # 2 cases x 2 folds, one warning
+    assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 2
+
+
+def test_nnyseg_predict_checks_the_table_and_the_model(workspace, clinical_model, tmp_path):
+    from nnyseg.data.clinical import load_clinical_file
+    from nnyseg.prediction import ClinicalPredictor, main
+
+    cases = _prediction_inputs(workspace, tmp_path / "in")
+    table = tmp_path / "t.json"
+    # a case without a row: warned about by name, predicted with every field missing
+    table.write_text(json.dumps({"schema": SCHEMA, "cases": {cases[0]: {"age": 50.0}}}))
+    with pytest.warns(UserWarning, match=rf"no row for 1 case\(s\) \['{cases[1]}'\]"):
+        main(_predict_argv(tmp_path / "in", tmp_path / "out", "-npp", "0", "-nps", "0", "--clinical", str(table)))
+    # a table whose schema is not the model's
+    table.write_text(json.dumps({"schema": SCHEMA[::-1], "cases": {}}))
+    with pytest.raises(ValueError, match=r"clinical schema of the model in .*arch_kwargs\['clinical_schema'\]"):
+        main(_predict_argv(tmp_path / "in", tmp_path / "out2", "-npp", "0", "-nps", "0", "--clinical", str(table)))
+    with pytest.raises(ValueError, match="--clinical needs a table file"):
+        main(_predict_argv(tmp_path / "in", tmp_path / "out3", "--clinical"))
+    # a model that takes no clinical features
+    table.write_text(json.dumps({"schema": SCHEMA, "cases": {}}))
+    predictor = ClinicalPredictor(clinical_table=load_clinical_file(table), device=torch.device("cpu"))
+    predictor.network = torch.nn.Conv3d(1, 1, 1)
+    with pytest.raises(ValueError, match=r"does not take clinical features .*Conv3d.*drop --clinical"):
+        predictor.check_model(where="the model")

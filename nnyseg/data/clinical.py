@@ -4,7 +4,7 @@ nnY-Net (arXiv:2501.01406) feeds patient features ("such as pathology and treatm
 cross-attention module as queries; ``design/architectures.md`` section 2.4 proposes one token per clinical field,
 numeric fields z-scored on the training folds, categorical fields as learned embeddings and learned tokens for missing
 values. This module is the data side: it reads the table, validates it against the dataset, fits the z-score
-statistics on one fold's training cases and encodes cases into the ``(values, missing)`` tensors that
+statistics on one fold's training cases and turns cases into the ``(values, missing)`` tensors that
 :class:`~nnyseg.network_architecture.building_blocks.cross_attention.ClinicalTokenizer` takes.
 
 File format
@@ -46,14 +46,16 @@ Normalisation
 :func:`fit_normalisation` computes, for every numeric field, the mean and the (population) standard deviation over the
 **training cases of one fold only**, ignoring missing values, so no validation or test case leaks into the model.
 A field with zero spread gets SD 1 and a field without any value among the training cases gets mean 0 and SD 1
-(a warning is issued). :meth:`ClinicalNormalisation.to_dict` / :meth:`~ClinicalNormalisation.from_dict` give a
-JSON-able form that is stored with the trained model, so a case can be encoded at prediction time without the
-training table (:meth:`ClinicalNormalisation.encode_records`).
+(a warning is issued). :meth:`ClinicalNormalisation.apply_to` writes the statistics into the network's tokenizer,
+whose buffers are part of the state dict: every fold's checkpoint carries its own statistics, the network takes raw
+values, and an ensemble of folds at prediction time needs only the raw table of the new cases
+(:func:`load_clinical_file`, used by ``nnyseg predict --clinical``). The record is also written as JSON beside each
+fold's checkpoint (:meth:`ClinicalNormalisation.to_dict`) for people to read.
 
 Example:
     >>> table = load_clinical_table(raw_dataset_folder)  # doctest: +SKIP
-    >>> stats = fit_normalisation(table, train_keys)  # doctest: +SKIP
-    >>> values, missing = table.encode(batch_keys, stats)  # (B, M) float32, (B, M) bool  # doctest: +SKIP
+    >>> fit_normalisation(table, train_keys).apply_to(network)  # doctest: +SKIP
+    >>> network.set_condition(table.network_input(batch_keys))  # raw (B, M) values, (B, M) missing  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ __all__ = [
     "dataset_case_ids",
     "find_clinical_table",
     "fit_normalisation",
+    "load_clinical_file",
     "load_clinical_table",
     "normalise_schema",
 ]
@@ -233,13 +236,19 @@ class ClinicalTable:
         ).reshape(len(case_ids), len(self.schema))
         return values, np.isnan(values)
 
-    def encode(
-        self, case_ids: Sequence[str], normalisation: ClinicalNormalisation
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Network input for ``case_ids``: see :meth:`ClinicalNormalisation.encode_arrays`."""
-        normalisation.check_schema(self.schema, where=self.source)
+    def network_input(self, case_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's clinical input for ``case_ids``: raw ``values`` (float32 ``(N, M)``; numeric values as
+        given, category indices as floats, 0 where missing) and ``missing`` (bool ``(N, M)``).
+
+        Values are not z-scored here: the network's tokenizer holds the fold's statistics (see
+        :meth:`ClinicalNormalisation.apply_to`).
+
+        Raises:
+            KeyError: If a case id is not in the table.
+        """
         values, missing = self.raw_values([str(c) for c in case_ids])
-        return normalisation.encode_arrays(values, missing)
+        values = np.where(missing, 0.0, values)
+        return torch.from_numpy(values.astype(np.float32)), torch.from_numpy(missing)
 
     def check_schema(self, schema: Sequence[Mapping[str, Any]], *, where: str) -> None:
         """Raises ``ValueError`` unless ``schema`` (e.g. the network's ``clinical_schema``) equals this table's.
@@ -430,6 +439,29 @@ def load_clinical_table(
     return ClinicalTable(schema=schema, rows=rows, source=str(path))
 
 
+def load_clinical_file(path: str | Path) -> ClinicalTable:
+    """Reads and validates one clinical table file on its own, e.g. the table of new cases at prediction time.
+
+    ``path`` is a ``.json`` table, or a ``.csv`` table with ``clinical_schema.json`` beside it (format: see the
+    module docstring). Unlike :func:`load_clinical_table`, any case ids are accepted.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ClinicalTableError: For a malformed file, an invalid schema, unknown fields, non-numeric values in numeric
+            fields or unknown categories; every problem is listed with its case and field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: clinical table not found")
+    if path.suffix.lower() not in (".json", ".csv"):
+        raise ClinicalTableError(path, ["a clinical table is a .json file or a .csv file with clinical_schema.json"])
+    reader = _read_json_table if path.suffix.lower() == ".json" else _read_csv_table
+    schema, rows, problems = reader(path)
+    if problems:
+        raise ClinicalTableError(path, problems)
+    return ClinicalTable(schema=schema, rows=rows, source=str(path))
+
+
 @dataclass(frozen=True)
 class ClinicalNormalisation:
     """Z-score statistics of the numeric fields, fitted on one fold's training cases, plus the schema.
@@ -511,43 +543,19 @@ class ClinicalNormalisation:
         """Raises ``ValueError`` unless ``schema`` has the same fields, types and categories in the same order."""
         _compare_schemas(self.schema, schema, ours="the clinical normalisation", theirs=where)
 
-    def encode_arrays(self, values: np.ndarray, missing: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalises raw ``(N, M)`` arrays (numeric values, category indices; NaN where missing).
-
-        Returns:
-            ``values`` (float32 ``(N, M)``: z-scored numerics, category indices as floats, 0 where missing) and
-            ``missing`` (bool ``(N, M)``).
-        """
-        values = np.array(values, dtype=np.float64, copy=True)
-        missing = np.asarray(missing, dtype=bool) | np.isnan(values)
-        for j, f in enumerate(self.schema):
-            if f["type"] == "numeric":
-                values[:, j] = (values[:, j] - self.mean[f["name"]]) / self.std[f["name"]]
-        values[missing] = 0.0
-        return torch.from_numpy(values.astype(np.float32)), torch.from_numpy(missing)
-
-    def encode_records(self, records: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encodes raw records (``{"field": value}``, as in ``clinical.json``), e.g. one case at prediction time.
+    def apply_to(self, network: torch.nn.Module) -> None:
+        """Writes the statistics into the clinical tokenizer of ``network`` (an nnY-Net, or the tokenizer itself).
 
         Raises:
-            ValueError: For unknown fields, non-numeric values or unknown categories.
+            ValueError: If the network has no clinical tokenizer, or its schema differs from this record's.
         """
-        problems, rows = [], []
-        for i, record in enumerate(records):
-            extra = sorted(set(record) - set(self.field_names))
-            if extra:
-                problems.append(f"record {i}: unknown field(s) {extra}")
-            row = []
-            for spec in self.schema:
-                cell, problem = _parse_cell(record.get(spec["name"]), spec, from_text=False)
-                if problem:
-                    problems.append(f"record {i}, field {spec['name']!r}: {problem}")
-                row.append(np.nan if cell is None else float(cell))
-            rows.append(row)
-        if problems:
-            raise ValueError("invalid clinical record(s): " + "; ".join(problems))
-        values = np.array(rows, dtype=np.float64).reshape(len(rows), len(self.schema))
-        return self.encode_arrays(values, np.isnan(values))
+        tokenizer = network if hasattr(network, "set_normalisation") else None
+        tokenizer = tokenizer or getattr(getattr(network, "cross_attention", None), "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("the network has no clinical tokenizer (cross_attention mode is not 'clinical')")
+        if tokenizer.field_names != self.field_names:
+            raise ValueError(f"the network's clinical fields {tokenizer.field_names} differ from {self.field_names}")
+        tokenizer.set_normalisation(self.mean, self.std)
 
 
 def fit_normalisation(table: ClinicalTable, case_ids: Sequence[str]) -> ClinicalNormalisation:

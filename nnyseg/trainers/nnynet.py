@@ -45,13 +45,15 @@ The resulting JSON looks like::
 
 **What the trainer does in clinical mode.** In :meth:`~nnYNetTrainer.initialize` it loads the raw dataset's table
 (a clear ``ValueError`` if there is none, or if its schema differs from the plans'), fits the z-score statistics on
-this fold's training cases only (nnU-Net's ``do_split``), writes them to ``fold_X/clinical_normalisation.json`` and,
-from then on, into every checkpoint (key :data:`CHECKPOINT_KEY`). ``train_step`` and ``validation_step`` hand the rows
-of ``batch["keys"]`` to the network through ``SwinNeXtUNet.set_condition`` and then run nnU-Net's own steps
-unchanged; the final validation (``perform_actual_validation``) sets each validation case's row before nnU-Net's
-sliding-window prediction. Random field dropout during training is done by the network's tokenizer in train mode.
-Prediction on new cases (``nnUNetv2_predict``) needs a predictor that sets the case's row the same way; that is not
-part of this trainer.
+this fold's training cases only (nnU-Net's ``do_split``) and writes them into the network's tokenizer, whose buffers
+are saved in every checkpoint (so each fold of an ensemble carries its own statistics), and for people to read into
+``fold_X/clinical_normalisation.json``. ``train_step`` and ``validation_step`` hand the raw rows of ``batch["keys"]``
+to the network through ``SwinNeXtUNet.set_condition`` and then run nnU-Net's own steps unchanged; the final
+validation (``perform_actual_validation``) sets each validation case's row before nnU-Net's sliding-window
+prediction. Random field dropout during training is done by the network's tokenizer in train mode. Prediction of new
+cases with their features: ``nnyseg predict --clinical TABLE`` (:mod:`nnyseg.prediction`); the stock
+``nnUNetv2_predict`` works too, but has no way to pass the features: the network warns once and uses its learned
+missing-value tokens.
 """
 
 from __future__ import annotations
@@ -82,17 +84,15 @@ from nnyseg.losses.dice_focal_ce import DiceFocalCELoss
 from nnyseg.trainers.base import NNUNET_DEFAULT_SETTINGS, nnysegTrainer
 
 __all__ = [
-    "CHECKPOINT_KEY",
     "CLINICAL_NORMALISATION_FILE",
     "NNYNET_SETTINGS",
     "add_clinical_configuration",
     "nnYNetTrainer",
 ]
 
-#: File in ``fold_X`` holding the clinical normalisation of that fold.
+#: File in ``fold_X`` holding the clinical normalisation of that fold, for people to read (the network's tokenizer
+#: buffers, saved in the checkpoint, are what the model uses).
 CLINICAL_NORMALISATION_FILE = "clinical_normalisation.json"
-#: Checkpoint entry holding the same record (``ClinicalNormalisation.to_dict()``).
-CHECKPOINT_KEY = "nnyseg_clinical_normalisation"
 
 #: The recipe of architectures.md sections 2.5 and 2.6.
 NNYNET_SETTINGS: Mapping[str, Any] = MappingProxyType(
@@ -275,19 +275,20 @@ class nnYNetTrainer(nnysegTrainer):
         )
 
     def _use_normalisation(self, normalisation: ClinicalNormalisation) -> None:
-        """Makes ``normalisation`` current: encodes every case of the table once and writes the fold's JSON."""
+        """Makes ``normalisation`` current: writes it into the network's tokenizer and the fold's JSON."""
         table = self.clinical_table
         assert table is not None
         self.clinical_normalisation = normalisation
+        normalisation.apply_to(self._bare_network())
         ids = table.case_ids
         self._clinical_index = {case_id: i for i, case_id in enumerate(ids)}
-        self._clinical_values, self._clinical_missing = table.encode(ids, normalisation)
+        self._clinical_values, self._clinical_missing = table.network_input(ids)
         if self.local_rank == 0 and self.output_folder is not None:
             os.makedirs(self.output_folder, exist_ok=True)
             normalisation.save(os.path.join(self.output_folder, CLINICAL_NORMALISATION_FILE))
 
     def clinical_batch(self, keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network's clinical input for a batch: ``(values, missing)`` of shape ``(len(keys), M)``, row i for
+        """The network's clinical input for a batch: raw ``(values, missing)`` of shape ``(len(keys), M)``, row i for
         ``keys[i]``, on the trainer's device.
 
         Raises:
@@ -344,37 +345,24 @@ class nnYNetTrainer(nnysegTrainer):
             network.clear_condition()
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.clinical_normalisation is None or self.local_rank != 0 or not os.path.isfile(filename):
-            return
-        # nnU-Net builds the checkpoint dict inside save_checkpoint; add the normalisation record to the written file
-        # (through a temporary file, so a crash never leaves a broken checkpoint).
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False, mmap=True)
-        checkpoint[CHECKPOINT_KEY] = self.clinical_normalisation.to_dict()
-        tmp = f"{filename}.tmp"
-        torch.save(checkpoint, tmp)
-        del checkpoint
-        os.replace(tmp, filename)
-
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         super().load_checkpoint(filename_or_checkpoint)
         if self.clinical_normalisation is None:
             return
-        checkpoint = filename_or_checkpoint
-        if isinstance(checkpoint, str):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-        stored = checkpoint.get(CHECKPOINT_KEY)
-        if stored is None:
-            self.print_to_log_file(
-                "WARNING: the checkpoint has no clinical normalisation; using the one fitted on this fold's training "
-                "cases"
-            )
-            return
-        stored = ClinicalNormalisation.from_dict(stored)
-        if stored.to_dict() != self.clinical_normalisation.to_dict():
+        # The checkpoint's tokenizer buffers are now in the network; they win over the statistics fitted in
+        # initialize() (the table may have changed since training). Keep the readable record in step with them.
+        tokenizer = self._bare_network().cross_attention.tokenizer
+        names = tokenizer.numeric_field_names
+        mean = dict(zip(names, tokenizer.numeric_mean.tolist(), strict=True))
+        std = dict(zip(names, tokenizer.numeric_std.tolist(), strict=True))
+        fitted = self.clinical_normalisation
+        if any(abs(mean[n] - fitted.mean[n]) > 1e-6 * max(1.0, abs(fitted.mean[n])) for n in names) or any(
+            abs(std[n] - fitted.std[n]) > 1e-6 * max(1.0, fitted.std[n]) for n in names
+        ):
             self.print_to_log_file(
                 "WARNING: the clinical table gives other normalisation statistics than the checkpoint was trained "
                 "with; using the checkpoint's"
             )
-            self._use_normalisation(stored)
+            self.clinical_normalisation = ClinicalNormalisation(
+                schema=fitted.schema, mean=mean, std=std, n_cases={}, fitted_on=[]
+            )

@@ -73,7 +73,9 @@ def parse_clinical_schema(schema: Sequence[Mapping[str, Any]]) -> list[dict[str,
 class ClinicalTokenizer(nn.Module):
     """Turns a row of clinical fields into one D-dimensional token per field.
 
-    * numeric field j: ``z_j * w_j + e_j`` (values are expected to be z-scored already);
+    * numeric field j: ``z_j * w_j + e_j`` with ``z_j = (x_j - mean_j) / std_j``. The statistics are persistent
+      buffers (:meth:`set_normalisation`; mean 0, SD 1 until set), so they travel in the state dict: each fold of an
+      ensemble carries the statistics of its own training cases and callers pass raw values;
     * categorical field j: row ``c_j`` of a learned table with ``n_categories + 1`` rows, the last one meaning
       "unknown" (used for indices outside ``[0, n_categories)``);
     * a field marked missing (or holding a non-finite value) is replaced by its learned missing token ``m_j``.
@@ -107,6 +109,8 @@ class ClinicalTokenizer(nn.Module):
         self.register_buffer("category_counts", torch.tensor(counts, dtype=torch.long), persistent=False)
         self.register_buffer("category_offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
         self.register_buffer("field_order", torch.tensor(order, dtype=torch.long), persistent=False)
+        self.register_buffer("numeric_mean", torch.zeros(len(numeric)))
+        self.register_buffer("numeric_std", torch.ones(len(numeric)))
         self.numeric_weight = nn.Parameter(torch.zeros(len(numeric), dim))
         self.numeric_bias = nn.Parameter(torch.zeros(len(numeric), dim))
         self.category_embedding = nn.Embedding(sum(c + 1 for c in counts), dim) if counts else None
@@ -120,6 +124,24 @@ class ClinicalTokenizer(nn.Module):
         if self.category_embedding is not None:
             trunc_normal_(self.category_embedding.weight, std=0.02)
 
+    @property
+    def numeric_field_names(self) -> list[str]:
+        """Names of the numeric fields, in the order of :attr:`numeric_mean` / :attr:`numeric_std`."""
+        return [self.field_names[j] for j in self.numeric_index.tolist()]
+
+    def set_normalisation(self, mean: Mapping[str, float], std: Mapping[str, float]) -> None:
+        """Sets the z-score statistics of the numeric fields (field name -> value; every numeric field, SD > 0)."""
+        names = self.numeric_field_names
+        absent = [n for n in names if n not in mean or n not in std]
+        if absent:
+            raise ValueError(f"no mean/std for numeric field(s) {absent}")
+        sd = torch.tensor([float(std[n]) for n in names], dtype=self.numeric_std.dtype)
+        if not bool(torch.all(torch.isfinite(sd) & (sd > 0))):
+            got = dict(zip(names, sd.tolist(), strict=True))
+            raise ValueError(f"standard deviations must be finite and > 0, got {got}")
+        self.numeric_mean.copy_(torch.tensor([float(mean[n]) for n in names], dtype=self.numeric_mean.dtype))
+        self.numeric_std.copy_(sd)
+
     def all_missing(self, batch_size: int) -> torch.Tensor:
         """Tokens for ``batch_size`` rows in which every field is missing, shape ``(B, M, D)``."""
         return self.missing_tokens.unsqueeze(0).expand(batch_size, -1, -1)
@@ -128,7 +150,8 @@ class ClinicalTokenizer(nn.Module):
         """Tokenises a batch of clinical rows.
 
         Args:
-            values: Float tensor ``(B, M)``; categorical fields hold the category index as a float.
+            values: Float tensor ``(B, M)`` of raw values (not z-scored); categorical fields hold the category index
+                as a float.
             missing: Bool tensor ``(B, M)``, True where a field is missing; ``None`` means only non-finite values
                 are missing.
 
@@ -150,7 +173,7 @@ class ClinicalTokenizer(nn.Module):
 
         parts = []
         if self.numeric_index.numel():
-            z = values[:, self.numeric_index]
+            z = (values[:, self.numeric_index] - self.numeric_mean) / self.numeric_std
             parts.append(z.unsqueeze(-1) * self.numeric_weight + self.numeric_bias)
         if self.category_embedding is not None:
             index = values[:, self.categorical_index].round().long()
