@@ -142,6 +142,20 @@ def test_loss_settings_come_from_the_plans_and_are_validated(workspace):
         trainer.initialize()
 
 
+def test_seed_setting_gives_the_same_initial_network(workspace):
+    plans = deepcopy(workspace["plans"])
+    for name, seed in (("seed0", 0), ("seed0_again", 0), ("seed1", 1)):
+        plans["configurations"][name] = {"inherits_from": TINY_CONFIGURATION, PLANS_SETTINGS_KEY: {"seed": seed}}
+    weights = {}
+    for name in ("seed0", "seed0_again", "seed1"):
+        torch.manual_seed(1234 + len(weights))  # whatever state the process is in, the setting decides
+        trainer = make_trainer(workspace, name, plans)
+        trainer.initialize()
+        weights[name] = torch.cat([p.detach().flatten() for p in trainer.network.parameters()])
+    assert torch.equal(weights["seed0"], weights["seed0_again"])
+    assert not torch.equal(weights["seed0"], weights["seed1"])
+
+
 # --------------------------------------------------------------------------------------------------------- clinical
 def test_clinical_batch_maps_keys_to_rows_in_order(workspace):
     trainer = make_trainer(workspace, CLINICAL)

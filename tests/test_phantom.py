@@ -399,3 +399,32 @@ def test_write_rejects_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -
     with pytest.raises(ValueError, match=match):
         write_nnunet_dataset(**args)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_diagnosis_variant_changes_only_the_labels_of_benign_cases(tmp_path: Path) -> None:
+    from nnyseg.data.clinical import load_clinical_table
+
+    kwargs = {"num_training": 4, "num_test": 2, "preset": "micro", "min_tumours": 2, "progress": False}
+    plain = write_nnunet_dataset(tmp_path / "a", 981, "Plain", **kwargs)
+    clinical = write_nnunet_dataset(tmp_path / "b", 981, "Plain", diagnosis=True, **kwargs)
+    table = load_clinical_table(clinical)  # validated against the dataset: every training case, test cases allowed
+    assert table.field_names == ["diagnosis"] and len(table.case_ids) == 6
+    assert not (plain / "clinical.json").exists()
+
+    def read(root: Path, kind: str, sub: str, name: str) -> np.ndarray:
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(root / f"{kind}{sub}" / name)))
+
+    for i in range(6):
+        case, sub = f"case_{i:04d}", "Tr" if i < 4 else "Ts"
+        np.testing.assert_array_equal(
+            read(plain, "images", sub, f"{case}_0000.nii.gz"), read(clinical, "images", sub, f"{case}_0000.nii.gz")
+        )
+        before, after = read(plain, "labels", sub, f"{case}.nii.gz"), read(clinical, "labels", sub, f"{case}.nii.gz")
+        kind = json.loads((clinical / "clinical.json").read_text())["cases"][case]["diagnosis"]
+        assert kind == ("malignant" if i % 2 == 0 else "benign")
+        assert (before == 2).any()
+        if kind == "malignant":
+            np.testing.assert_array_equal(after, before)
+        else:  # the same lesions, labelled liver
+            assert not (after == 2).any()
+            np.testing.assert_array_equal(after, np.where(before == 2, 1, before))

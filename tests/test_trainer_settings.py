@@ -23,6 +23,10 @@ def test_overrides_merge_and_validate():
         resolve_settings(NNUNET_DEFAULT_SETTINGS, {"optimizer": "rmsprop"})
     with pytest.raises(ValueError, match="num_iterations_per_epoch must be a positive integer"):
         resolve_settings(NNUNET_DEFAULT_SETTINGS, {"num_iterations_per_epoch": 0})
+    assert resolve_settings(NNUNET_DEFAULT_SETTINGS, {})["seed"] is None  # nnU-Net's default: unseeded
+    for bad in (-1, 1.5, True, "0"):
+        with pytest.raises(ValueError, match="seed must be null or a non-negative integer"):
+            resolve_settings(NNUNET_DEFAULT_SETTINGS, {"seed": bad})
 
 
 def test_step_schedule_follows_nnunets_epoch_calls():

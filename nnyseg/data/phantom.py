@@ -1015,6 +1015,7 @@ def write_nnunet_dataset(
     overwrite: bool = False,
     progress: bool = True,
     min_tumours: int = 1,
+    diagnosis: bool = False,
 ) -> Path:
     """Write a phantom dataset in nnU-Net v2's raw format, atomically.
 
@@ -1041,6 +1042,11 @@ def write_nnunet_dataset(
         overwrite: Replace an existing dataset folder of the same name (only once the new one is complete).
         progress: Show a progress bar.
         min_tumours: Lower bound on the lesions per case (0-8).
+        diagnosis: Write the clinical-feature variant of the nnY-Net issue: every second case (even index,
+            training and test alike) is "malignant" and keeps its lesions labelled tumour; the others are "benign",
+            with the same-looking lesions labelled liver (``make_case(..., benign_fraction=1)``). A
+            ``clinical.json`` (format: :mod:`nnyseg.data.clinical`) holds the categorical field ``diagnosis`` of
+            every case, the one thing that tells the two apart. Images are those of ``diagnosis=False``.
 
     Returns:
         The dataset folder.
@@ -1088,12 +1094,23 @@ def write_nnunet_dataset(
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             (tmp / sub).mkdir(parents=True)
         cases: dict[str, Any] = {}
+        diagnoses: dict[str, dict[str, str]] = {}
         total = num_training + num_test
         for i in tqdm(range(total), desc=f"phantom {folder_name}", unit="case", disable=not progress):
             split = "train" if i < num_training else "test"
             case_seed = _case_seed(seed, i)
-            case = make_case(case_seed, preset, phase, min_tumours=min_tumours, direction=direction)
+            kind = ("malignant" if i % 2 == 0 else "benign") if diagnosis else None
+            case = make_case(
+                case_seed,
+                preset,
+                phase,
+                min_tumours=min_tumours,
+                direction=direction,
+                benign_fraction=1.0 if kind == "benign" else 0.0,
+            )
             ident = f"case_{i:04d}"
+            if kind is not None:
+                diagnoses[ident] = {"diagnosis": kind}
             img, lab = case.to_sitk()
             suffix = "Tr" if split == "train" else "Ts"
             sitk.WriteImage(img, str(tmp / f"images{suffix}" / f"{ident}_0000.nii.gz"), True)
@@ -1112,6 +1129,11 @@ def write_nnunet_dataset(
                 f"Synthetic abdominal CT phantom (nnyseg {GENERATOR_VERSION}): {preset} grid "
                 f"{grid.spacing} mm, {phase} phase, {direction} direction, seed {seed}. Labels: 0 background, "
                 "1 liver, 2 tumour (LiTS convention); test ground truth in labelsTs."
+                + (
+                    " Clinical variant: lesions of 'benign' cases (clinical.json) are labelled liver."
+                    if diagnosis
+                    else ""
+                )
             ),
             "licence": "CC0-1.0 (synthetic data, no patient information)",
             "reference": "nnyseg.data.phantom; design/phantom.md section 6",
@@ -1126,6 +1148,7 @@ def write_nnunet_dataset(
             "phase": phase,
             "direction": direction,
             "min_tumours": min_tumours,
+            "diagnosis": diagnosis,
             "num_training": num_training,
             "num_test": num_test,
             "numpy_version": np.__version__,
@@ -1137,6 +1160,10 @@ def write_nnunet_dataset(
         }
         (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n")
         (tmp / "phantom.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+        if diagnosis:
+            schema = [{"name": "diagnosis", "type": "categorical", "categories": ["benign", "malignant"]}]
+            clinical = {"schema": schema, "cases": diagnoses}
+            (tmp / "clinical.json").write_text(json.dumps(clinical, indent=2) + "\n")
 
         if target.exists():  # overwrite: swap only now that the new dataset is complete
             old = raw_root / f".{folder_name}.old-{os.getpid()}"

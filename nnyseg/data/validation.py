@@ -129,7 +129,8 @@ def compare_geometry(image: Path, label: Path) -> list[str]:
         same = a == b if name == "size" else np.allclose(a, b, rtol=_RTOL, atol=_ATOL)
         if not same:
             problems.append(
-                f"{label.name}: {name} {tuple(np.round(b, 5))} differs from {image.name}'s {tuple(np.round(a, 5))}"
+                f"{label.name}: {name} {tuple(np.round(b, 5).tolist())} differs from {image.name}'s "
+                f"{tuple(np.round(a, 5).tolist())}"
             )
     return problems
 

@@ -17,6 +17,7 @@ take before any data is loaded, so a bad plans edit fails with a message naming 
 from __future__ import annotations
 
 import inspect
+import random
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -47,6 +48,7 @@ NNUNET_DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType(
         "lr_schedule": "poly",  # poly (exponent 0.9) | constant | step
         "lr_step_size": 30,  # epochs between decays, for lr_schedule "step"
         "lr_step_gamma": 0.8,  # factor per decay, for lr_schedule "step"
+        "seed": None,  # None: nnU-Net's unseeded behaviour; an int seeds python, numpy and torch at construction
     }
 )
 
@@ -90,6 +92,9 @@ def resolve_settings(
     for key in ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every"):
         if not isinstance(settings[key], int) or settings[key] < 1:
             raise ValueError(f"{source}: {key} must be a positive integer, got {settings[key]!r}")
+    seed = settings.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"{source}: seed must be null or a non-negative integer, got {seed!r}")
     if not settings["initial_lr"] > 0:
         raise ValueError(f"{source}: initial_lr must be > 0, got {settings['initial_lr']!r}")
     return settings
@@ -148,6 +153,13 @@ class nnysegTrainer(nnUNetTrainer):
         type(self).check_settings(self.resolved_settings, source)
         for name in _NNUNET_ATTRIBUTES:
             setattr(self, name, self.resolved_settings[name])
+        if self.resolved_settings["seed"] is not None:
+            # Before initialize() builds the network and the data loaders: same seed, same weights and batches
+            # (with nnUNet_n_proc_DA=0; augmentation workers draw their own seeds).
+            seed = self.resolved_settings["seed"]
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
         self.print_to_log_file(f"nnyseg trainer settings ({type(self).__name__}): {self.resolved_settings}")
 
     @classmethod
