@@ -27,6 +27,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         direction=args.direction,
         overwrite=args.overwrite,
         min_tumours=args.min_tumours,
+        diagnosis=args.diagnosis,
     )
     print(f"phantom dataset written to {folder}")
     return 0
@@ -137,6 +138,71 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_body_crop(args: argparse.Namespace) -> int:
+    from nnyseg.data.cropping import body_crop_dataset
+
+    folder = body_crop_dataset(
+        args.dataset,
+        args.dataset_id,
+        name=args.name,
+        raw_root=Path(args.output) if args.output else None,
+        overwrite=args.overwrite,
+    )
+    print(f"body-cropped dataset written to {folder} (boxes in crops.json)")
+    return 0
+
+
+def _cmd_uncrop(args: argparse.Namespace) -> int:
+    from nnyseg.data.cropping import uncrop_predictions
+
+    out = uncrop_predictions(
+        Path(args.pred_dir),
+        Path(args.reference),
+        Path(args.output),
+        file_ending=args.file_ending,
+        overwrite=args.overwrite,
+    )
+    print(f"predictions on the original image grids written to {out}")
+    return 0
+
+
+def _cmd_cascade(args: argparse.Namespace) -> int:
+    from nnyseg import cascade
+
+    if args.cascade_command == "prepare":
+        stage1, stage2 = cascade.prepare_cascade(
+            args.dataset,
+            args.stage1_id,
+            args.stage2_id,
+            jitter_mm=args.jitter_mm,
+            seed=args.seed,
+            raw_root=Path(args.output) if args.output else None,
+            overwrite=args.overwrite,
+        )
+        print(f"stage 1 (liver) written to {stage1}\nstage 2 (tumour in liver crops) written to {stage2}")
+        return 0
+    folds = None if args.folds is None else tuple(f if f == "all" else int(f) for f in args.folds)
+    options = cascade.StageOptions(
+        folds=folds,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        use_mirroring=not args.disable_tta,
+        num_processes_preprocessing=args.npp,
+        num_processes_export=args.nps,
+    )
+    out = cascade.predict_cascade(
+        Path(args.input),
+        Path(args.output),
+        Path(args.stage1_model),
+        Path(args.stage2_model),
+        margin_mm=args.margin_mm,
+        options=options,
+        overwrite=args.overwrite,
+    )
+    print(f"cascade predictions written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nnyseg.demo import DEFAULT_DEMO_MODELS, DEMO_MODELS  # standard library only: keeps --help fast
 
@@ -162,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", default="identity", help="identity, flipped or oblique (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default: %(default)s)")
     p.add_argument("--min-tumours", type=int, default=1, help="at least this many lesions per case, 0-8 (default: 1)")
+    p.add_argument(
+        "--diagnosis",
+        action="store_true",
+        help="clinical variant: half the cases 'benign' (lesions labelled liver), a clinical.json says which",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same name")
     p.set_defaults(func=_cmd_phantom)
 
@@ -245,6 +316,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict, passthrough=True)
 
     # --- cascade parsers (issue #5) go here ---
+    p = sub.add_parser("body-crop", help="copy a raw CT dataset with every case cropped to its body mask (HU > -500)")
+    p.add_argument("dataset", help="dataset id, DatasetXXX_Name, or a folder (only read)")
+    p.add_argument("-d", "--dataset-id", type=int, required=True, help="id of the new dataset (1-999)")
+    p.add_argument("--name", help="name of the new dataset (default: the source's name + BodyCrop)")
+    p.add_argument("-o", "--output", help="raw folder to write into (default: $nnUNet_raw)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same name")
+    p.set_defaults(func=_cmd_body_crop)
+
+    p = sub.add_parser("uncrop", help="paste predictions made on cropped images back onto the original image grids")
+    p.add_argument("pred_dir", help="folder of predicted label files (CASE.nii.gz) on the cropped images")
+    p.add_argument("--reference", required=True, help="folder of the original images (CASE_0000.nii.gz)")
+    p.add_argument("-o", "--output", required=True, help="folder to write the full-size label files into")
+    p.add_argument("--file-ending", default=".nii.gz", help="file ending of the images (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_uncrop)
+
+    p = sub.add_parser("cascade", help="the ELANRes-MSCA paper's liver-then-tumour cascade: prepare, predict")
+    steps = p.add_subparsers(dest="cascade_command", metavar="STEP", required=True)
+    c = steps.add_parser("prepare", help="write the stage-1 (liver) and stage-2 (tumour in liver crops) datasets")
+    c.add_argument("dataset", help="raw dataset with LiTS labels (0, 1 liver, 2 tumour): id, name or folder")
+    c.add_argument("--stage1-id", type=int, required=True, help="dataset id of stage 1 (liver)")
+    c.add_argument("--stage2-id", type=int, required=True, help="dataset id of stage 2 (tumour in liver crops)")
+    c.add_argument(
+        "--jitter-mm",
+        type=float,
+        nargs=2,
+        default=[5.0, 20.0],
+        metavar=("LOW", "HIGH"),
+        help="stage-2 margin per side around the ground-truth liver, drawn uniformly from LOW-HIGH mm "
+        "(default: 5 20; give LOW = HIGH for a fixed margin)",
+    )
+    c.add_argument("--seed", type=int, default=0, help="seed of the margins; same seed, same crops (default: 0)")
+    c.add_argument("-o", "--output", help="raw folder to write into (default: $nnUNet_raw)")
+    c.add_argument("--overwrite", action="store_true", help="replace existing stage datasets of the same names")
+    c.set_defaults(func=_cmd_cascade)
+    c = steps.add_parser("predict", help="stage 1 -> largest liver component -> crop -> stage 2 -> LiTS maps")
+    c.add_argument("-i", "--input", required=True, help="folder of images (CASE_0000.nii.gz, ...)")
+    c.add_argument("-o", "--output", required=True, help="folder to write the final label maps into")
+    c.add_argument("-m1", "--stage1-model", required=True, help="stage-1 model folder (Trainer__Plans__config)")
+    c.add_argument("-m2", "--stage2-model", required=True, help="stage-2 model folder (Trainer__Plans__config)")
+    c.add_argument("-f", "--folds", nargs="+", help="folds to use, e.g. 0 1 2 3 4 or all (default: all present)")
+    c.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint (default: %(default)s)")
+    c.add_argument("-device", "--device", default="cuda", choices=["cuda", "cpu", "mps"], help="(default: cuda)")
+    c.add_argument("--margin-mm", type=float, default=10.0, help="margin around the stage-1 liver (default: 10)")
+    c.add_argument("-npp", type=int, default=3, help="preprocessing processes; 0 with -nps 0: none (default: 3)")
+    c.add_argument("-nps", type=int, default=3, help="export processes (default: 3)")
+    c.add_argument("--disable-tta", action="store_true", help="no mirroring at test time (faster, less accurate)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    c.set_defaults(func=_cmd_cascade)
 
     p = sub.add_parser("overlay", help="PNG of image, ground truth and prediction through the largest tumour")
     p.add_argument("--image", required=True, help="image file (e.g. case_0000_0000.nii.gz)")

@@ -37,7 +37,9 @@ def describe(planner: type[nnysegPlannerBase]) -> str:
         *[f"- {change}" for change in planner.changes],
         "",
         "Unchanged: fingerprint, target spacing, resampling, intensity normalisation, and therefore the preprocessed "
-        "3d_fullres data (shared with `nnUNetPlans_3d_fullres`).",
+        "3d_fullres data (shared with `nnUNetPlans_3d_fullres`)."
+        if planner.shares_nnunet_preprocessing
+        else "Unchanged: fingerprint, target spacing and resampling.",
         "",
         f"## `{TINY_CONFIGURATION}`: the tiny CPU preset",
         "",

@@ -86,6 +86,8 @@ class nnysegPlannerBase(ExperimentPlanner):
     }
     #: What this preset changes relative to nnU-Net's default plans, for ``plans/`` and the plans' ``nnyseg`` block.
     changes: ClassVar[tuple[str, ...]] = ()
+    #: False when the planner changes the intensity normalisation, so 3d_fullres cannot share nnU-Net's data.
+    shares_nnunet_preprocessing: ClassVar[bool] = True
     #: nnU-Net's 3D widths (``UNet_base_num_features``, ``UNet_max_features_3d``), as class constants so that
     #: :meth:`topology` needs no dataset (benchmarks and tests build networks from it directly).
     base_features: ClassVar[int] = 32
@@ -307,6 +309,61 @@ class ELANResMSCAPlanner(nnysegPlannerBase):
         }
 
 
+#: The ELANRes-MSCA paper's CT intensity window in HU (architectures.md section 4.4 [P]): clip, then divide by 200.
+PAPER_CT_WINDOW_HU = (-200.0, 200.0)
+
+
+class ELANResMSCAPaperPlanner(ELANResMSCAPlanner):
+    """ELANRes-MSCA-UNet with the paper's CT intensities: clip to [-200, 200] HU, then divide by 200.
+
+    nnU-Net looks normalisation classes up by the names in the plans' ``normalization_schemes``, and only inside
+    ``nnunetv2.preprocessing.normalization``; a class of our own would have to be copied into the installed nnU-Net.
+    nnU-Net's own ``CTNormalization`` already computes ``(clip(x, percentile_00_5, percentile_99_5) - mean) / std``
+    with the four numbers read from the plans' ``foreground_intensity_properties_per_channel``, when preprocessing
+    the training data and again at prediction (from the model folder's ``plans.json``). This planner writes
+    -200, 200, 0 and 200 there for every channel, so nnU-Net's unmodified class computes exactly
+    ``clip(x, -200, 200) / 200``, the same way in training and inference, and the choice is visible in the plans.
+    Every channel must therefore be CT in HU (``channel_names`` "CT").
+
+    The preprocessed data differ from nnU-Net's, so they get their own folder (``ELANResMSCAPaperPlans_3d_fullres``).
+    The paper's body-mask crop belongs to dataset conversion (``nnyseg body-crop``): nnU-Net's ``crop_to_nonzero``
+    keeps the whole CT, whose air is about -1024 HU, not 0. The paper's spacing (z = 1.0 mm, in-plane twice the
+    median) is nnU-Net's own switch: ``-overwrite_target_spacing 1.0 S S`` (numpy order z, y, x).
+    """
+
+    default_plans_name = "ELANResMSCAPaperPlans"
+    shares_nnunet_preprocessing = False
+    changes = (
+        *ELANResMSCAPlanner.changes,
+        "all configurations: intensities clip(HU, -200, 200) / 200 through nnU-Net's CTNormalization, with "
+        "foreground_intensity_properties_per_channel set to percentile_00_5 = -200, percentile_99_5 = 200, mean = 0, "
+        "std = 200 for every channel (all channels must be CT)",
+        "3d_fullres: own preprocessed data (ELANResMSCAPaperPlans_3d_fullres), not shared with nnUNetPlans",
+    )
+
+    def generate_data_identifier(self, configuration_name: str) -> str:
+        # The base class shares nnU-Net's 3d_fullres data, whose normalisation differs: use nnU-Net's own rule.
+        return ExperimentPlanner.generate_data_identifier(self, configuration_name)
+
+    def determine_normalization_scheme_and_whether_mask_is_used_for_norm(self) -> tuple[list[str], list[bool]]:
+        channels = self.dataset_json["channel_names"]
+        not_ct = {k: v for k, v in channels.items() if v.casefold() != "ct"}
+        if not_ct:
+            raise ValueError(
+                f"{self.dataset_name}: {type(self).__name__} windows CT in HU, but dataset.json names channels "
+                f"{not_ct} (channel_names must be 'CT')"
+            )
+        return ["CTNormalization"] * len(channels), [False] * len(channels)
+
+    def save_plans(self, plans: dict) -> None:
+        low, high = PAPER_CT_WINDOW_HU
+        plans["foreground_intensity_properties_per_channel"] = {
+            str(c): {"mean": 0.0, "std": high, "percentile_00_5": low, "percentile_99_5": high}
+            for c in range(len(self.dataset_json["channel_names"]))
+        }
+        super().save_plans(plans)
+
+
 class nnYNetPlanner(nnysegPlannerBase):
     """nnY-Net (Swin-NeXt + bottleneck cross-attention; architectures.md sections 1 and 2.3).
 
@@ -406,7 +463,8 @@ class DynTransNetPlanner(nnYNetPlanner):
 
 #: Planner name -> class, for ``nnyseg plan_and_preprocess -pl NAME``. Explicit, filled in one place.
 PLANNERS: dict[str, type[nnysegPlannerBase]] = {
-    cls.__name__: cls for cls in (nnysegBaselinePlanner, ELANResMSCAPlanner, nnYNetPlanner, DynTransNetPlanner)
+    cls.__name__: cls
+    for cls in (nnysegBaselinePlanner, ELANResMSCAPlanner, ELANResMSCAPaperPlanner, nnYNetPlanner, DynTransNetPlanner)
 }
 
 
