@@ -95,12 +95,14 @@ class ArchSpec:
             nnU-Net's ResEnc M preset.
         fused: Whether ``switch_to_deploy()`` is applied before inference (inference only, no training step).
         description: One line for ``--help``.
+        arch_kwargs: Overrides of the plans' ``arch_kwargs``: an ablation switch, as a plans configuration sets it.
     """
 
     key: str
     planner: str | None
     fused: bool = False
     description: str = ""
+    arch_kwargs: tuple[tuple[str, Any], ...] = ()
 
 
 #: The named rows; every other ``PLANNERS`` key is added under its class name by :func:`architecture_specs`.
@@ -115,6 +117,23 @@ NAMED_ARCHS: tuple[ArchSpec, ...] = (
         description="ELANRes-MSCA-UNet after switch_to_deploy() (inference only)",
     ),
     ArchSpec("nnynet", "nnYNetPlanner", description="nnY-Net (SwinNeXtUNet)"),
+)
+
+
+#: One row per ablation switch (DynTransNet: the paper's Tables 2 and 3; nnY-Net: the Y branch), measured only when
+#: named in ``--archs`` or with ``--archs ablations``; each changes one setting of the full network.
+def _ablation(key: str, planner: str, description: str, **switch: Any) -> ArchSpec:
+    return ArchSpec(key, planner, description=description, arch_kwargs=tuple(switch.items()))
+
+
+ABLATION_ARCHS: tuple[ArchSpec, ...] = (
+    _ablation("dtn_no_dmsa", "DynTransNetPlanner", "DynTransNet, D-MSA off", dmsa_bias="none"),
+    _ablation("dtn_dense_dmsa", "DynTransNetPlanner", "DynTransNet, dense N x N D-MSA bias", dmsa_bias="dense"),
+    _ablation("dtn_concat", "DynTransNetPlanner", "DynTransNet, concatenation instead of FM-M", fusion="concat"),
+    _ablation("dtn_weighted_sum", "DynTransNetPlanner", "DynTransNet, weighted sum, not FM-M", fusion="weighted_sum"),
+    _ablation("dtn_no_rm", "DynTransNetPlanner", "DynTransNet, Residual Module off", residual_module=False),
+    _ablation("dtn_vit", "DynTransNetPlanner", "DynTransNet, UNETR-style ViT encoder", encoder="vit"),
+    _ablation("nnynet_ca_off", "nnYNetPlanner", "nnY-Net, cross-attention off", cross_attention="off"),
 )
 
 
@@ -136,14 +155,18 @@ def architecture_specs() -> dict[str, ArchSpec]:
     planners = _planners()
     specs = {spec.key: spec for spec in NAMED_ARCHS if spec.planner is None or spec.planner in planners}
     covered = {spec.planner for spec in specs.values()}
+    topologies = {planners[name].topology.__func__ for name in covered if name in planners}
     for name in planners:
-        if name not in covered:
+        # A planner that only changes preprocessing (ELANResMSCAPaperPlanner) builds a network already measured.
+        if name not in covered and planners[name].topology.__func__ not in topologies:
             specs[name] = ArchSpec(name, name, description=f"{name}'s network")
+    specs.update({spec.key: spec for spec in ABLATION_ARCHS if spec.planner in planners})
     return specs
 
 
 def resolve_archs(requested: Sequence[str] | None, specs: dict[str, ArchSpec] | None = None) -> list[str]:
-    """Turns ``--archs`` into row keys: ``None`` or ``all`` means every architecture; planner class names are aliases.
+    """Turns ``--archs`` into row keys: ``None`` or ``all`` means every architecture (ablation rows excluded);
+    ``ablations`` means each ablation row after the full network it ablates; planner class names are aliases.
 
     The baseline ``plain`` is always included, first.
 
@@ -151,18 +174,23 @@ def resolve_archs(requested: Sequence[str] | None, specs: dict[str, ArchSpec] | 
         ValueError: For a name that is neither a row key nor a planner class name.
     """
     specs = architecture_specs() if specs is None else specs
-    if not requested or "all" in requested:
-        keys = list(specs)
-    else:
-        aliases = {}
-        for spec in specs.values():
-            if spec.planner is not None and not spec.fused:
-                aliases.setdefault(spec.planner, spec.key)
-        keys = []
-        for name in requested:
+    ablation_keys = {spec.key for spec in ABLATION_ARCHS}
+    aliases: dict[str, str] = {}
+    for spec in specs.values():
+        if spec.planner is not None and not spec.fused and spec.key not in ablation_keys:
+            aliases.setdefault(spec.planner, spec.key)
+    keys: list[str] = []
+    for name in requested or ["all"]:
+        if name == "all":
+            keys += [k for k in specs if k not in ablation_keys]
+        elif name == "ablations":
+            for spec in ABLATION_ARCHS:
+                if spec.key in specs:
+                    keys += [aliases[spec.planner], spec.key]
+        else:
             key = name if name in specs else aliases.get(name)
             if key is None:
-                raise ValueError(f"unknown architecture {name!r}; choose from: all, {', '.join(specs)}")
+                raise ValueError(f"unknown architecture {name!r}; choose from: all, ablations, {', '.join(specs)}")
             keys.append(key)
     ordered = [BASELINE] + [k for k in keys if k != BASELINE]
     return list(dict.fromkeys(ordered))
@@ -228,6 +256,7 @@ def build_architecture(
             input_channels=input_channels,
             num_classes=num_classes,
             deep_supervision=True,
+            arch_kwargs=dict(spec.arch_kwargs),
         )
     patch, architecture = resenc_m_topology(spacing, patch_size, tiny=tiny)
     network = get_network_from_plans(

@@ -1,7 +1,8 @@
 """``nnyseg demo``: the main job end to end on the phantom, on a CPU, with the stock nnU-Net commands.
 
 phantom dataset -> ``nnyseg plan_and_preprocess`` (one planner per model) -> ``nnUNetv2_train`` of each model's tiny
-preset, fold 0 -> ``nnUNetv2_predict`` on the held-out cases -> Dice per class -> a PNG overlay per model.
+preset, fold 0 -> ``nnUNetv2_predict`` on the held-out cases -> ``nnyseg evaluate`` (LiTS metrics) -> ``nnyseg report``
+(an HTML page with overlays and the training curve) per model.
 
 Every step is the command a user would type; the demo prints each one before it runs it. Models are tiny presets
 (``3d_fullres_tiny``) so that the whole run takes minutes on 2 CPU cores; their numbers say that the pipeline works,
@@ -10,6 +11,7 @@ not how good the architectures are.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -115,7 +117,7 @@ def demo_environment(workdir: Path) -> dict[str, str]:
 
 
 def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = False, preset: str = "tiny") -> dict:
-    """Run the demo in ``workdir`` and return the Dice results per model.
+    """Run the demo in ``workdir`` and return the metrics per model (``nnyseg evaluate``'s metrics.json).
 
     Args:
         workdir: Folder for every output (created; replaced unless ``keep``).
@@ -124,8 +126,7 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
         preset: Phantom grid; ``micro`` (6 x 6 x 8 mm voxels) makes a quick smoke run of the whole pipeline.
     """
     from nnyseg.data.phantom import write_nnunet_dataset
-    from nnyseg.evaluation.dice import evaluate_folders, format_summary
-    from nnyseg.evaluation.overlay import save_overlay
+    from nnyseg.evaluation.metrics import format_summary
     from nnyseg.planning.planners import nnysegPlannerBase
 
     keys = list(trainers or DEFAULT_DEMO_MODELS)
@@ -152,7 +153,7 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
     if not dataset_dir.exists():
         print("\n== 1. phantom dataset")
         write_nnunet_dataset(
-            raw, DEMO_DATASET_ID, DEMO_DATASET_NAME, num_training=10, num_test=2, preset="tiny", seed=0
+            raw, DEMO_DATASET_ID, DEMO_DATASET_NAME, num_training=10, num_test=2, preset=preset, seed=0
         )
 
     print("\n== 2. plan and preprocess (nnU-Net's fingerprint planning, adapted per architecture)")
@@ -198,10 +199,13 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
             log,
         )
 
-    print("\n== 4. predict the held-out cases, 5. evaluate, 6. overlays")
+    print("\n== 4. predict the held-out cases, 5. evaluate, 6. QC report")
     results = {}
     for model in models:
         out = workdir / "predictions" / model.key
+        model_folder = (
+            Path(env["nnUNet_results"]) / dataset_dir.name / f"{model.trainer}__{model.plans}__3d_fullres_tiny"
+        )
         _run(
             [
                 _script("nnUNetv2_predict"),
@@ -229,18 +233,34 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
             env,
             log,
         )
-        results[model.key] = evaluate_folders(dataset_dir / "labelsTs", out, output_json=out / "dice.json")
-        first = sorted(p for p in out.glob("*.nii.gz"))[0]
-        case = first.name[: -len(".nii.gz")]
-        save_overlay(
-            dataset_dir / "imagesTs" / f"{case}_0000.nii.gz",
-            dataset_dir / "labelsTs" / first.name,
-            first,
-            workdir / f"overlay_{model.key}.png",
-            title=f"{model.description} ({model.key}), {case}",
+        evaluation = workdir / "evaluation" / model.key
+        gt = str(dataset_dir / "labelsTs")
+        _run([*nnyseg_cmd, "evaluate", "--gt", gt, "--pred", str(out), "-o", str(evaluation)], env, log)
+        results[model.key] = json.loads((evaluation / "metrics.json").read_text())
+        _run(
+            [
+                *nnyseg_cmd,
+                "report",
+                "--images",
+                str(dataset_dir / "imagesTs"),
+                "--gt",
+                str(dataset_dir / "labelsTs"),
+                "--pred",
+                str(out),
+                str(workdir / "report" / model.key),
+                "--metrics",
+                str(evaluation / "metrics.json"),
+                "--results",
+                str(model_folder),
+                "--title",
+                f"nnyseg demo: {model.description} ({model.key}), tiny CPU preset, fold 0",
+                "--overwrite",
+            ],
+            env,
+            log,
         )
 
-    print(f"\n== done in {time.perf_counter() - start:.0f} s. Held-out Dice (tiny CPU presets, fold 0):")
+    print(f"\n== done in {time.perf_counter() - start:.0f} s. Held-out metrics (tiny CPU presets, fold 0):")
     for model in models:
         print(f"\n-- {model.key}: {model.description}")
         print(format_summary(results[model.key]))
@@ -257,7 +277,8 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
             f"  {model.key:17s} model {Path(env['nnUNet_results']) / dataset_dir.name}/"
             f"{model.trainer}__{model.plans}__3d_fullres_tiny"
         )
-        print(f"  {'':17s} predictions {workdir / 'predictions' / model.key} (Dice in dice.json)")
-        print(f"  {'':17s} overlay {workdir / f'overlay_{model.key}.png'}")
+        print(f"  {'':17s} predictions {workdir / 'predictions' / model.key}")
+        print(f"  {'':17s} metrics {workdir / 'evaluation' / model.key} (metrics.json, per_case.csv, summary.md)")
+        print(f"  {'':17s} QC report {workdir / 'report' / model.key / 'index.html'}")
     print(f"  log               {log}")
     return results

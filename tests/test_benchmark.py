@@ -178,8 +178,13 @@ def test_architecture_selection():
 
     keys = bench.resolve_archs(None)
     assert keys[:5] == ["plain", "resenc_m", "elanres", "elanres_fused", "nnynet"]
-    covered = {bench.architecture_specs()[k].planner for k in keys}
-    assert set(PLANNERS) <= covered  # every planner is benchmarkable, new ones under their class name
+    specs = bench.architecture_specs()
+    covered = {specs[k].planner for k in keys}
+    assert set(PLANNERS) - {"ELANResMSCAPaperPlanner"} <= covered  # every network, new ones by their planner's name
+    assert not any(specs[k].arch_kwargs for k in keys)  # ablation rows only on request
+    ablations = bench.resolve_archs(["ablations"])
+    assert ablations[:4] == ["plain", "DynTransNetPlanner", "dtn_no_dmsa", "dtn_dense_dmsa"]
+    assert {"dtn_concat", "dtn_weighted_sum", "dtn_no_rm", "dtn_vit", "nnynet", "nnynet_ca_off"} <= set(ablations)
     assert bench.resolve_archs(["nnYNetPlanner", "elanres"]) == ["plain", "nnynet", "elanres"]  # plain added first
     with pytest.raises(ValueError, match="unknown architecture"):
         bench.resolve_archs(["nope"])
@@ -250,3 +255,16 @@ def test_no_append_prints_only(tmp_path, monkeypatch, capsys):
     assert bench.main(["--device", "cpu", "--archs", "plain", "--results", str(results), "--no-append"]) == 0
     assert not results.exists()
     assert "| plain | FakeNet | 64x64x64 |" in capsys.readouterr().out
+
+
+def test_an_ablation_row_builds_the_switched_network():
+    specs = bench.architecture_specs()
+    full, _, full_arch = bench.build_architecture(
+        specs["DynTransNetPlanner"], [32, 32, 32], spacing=[1, 1, 1], tiny=True, num_classes=3
+    )
+    ablated, _, arch = bench.build_architecture(
+        specs["dtn_no_rm"], [32, 32, 32], spacing=[1, 1, 1], tiny=True, num_classes=3
+    )
+    assert arch["arch_kwargs"] == {**full_arch["arch_kwargs"], "residual_module": False}
+    n_full, n_ablated = (sum(p.numel() for p in net.parameters()) for net in (full, ablated))
+    assert n_ablated < n_full  # the Residual Modules' convolutions are gone

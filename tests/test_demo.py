@@ -45,9 +45,14 @@ def test_demo_runs_end_to_end_on_the_micro_phantom(tmp_path, capsys):
     workdir = tmp_path / "demo"
     assert set(results) == {"baseline"}
     assert results["baseline"]["num_cases"] == 2
-    assert 0.0 <= results["baseline"]["global"]["liver"] <= 1.0
-    assert (workdir / "predictions" / "baseline" / "dice.json").is_file()
-    png = workdir / "overlay_baseline.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for shown in (str(png), "nnysegTrainer__nnysegBaselinePlans__3d_fullres_tiny", "global Dice"):
+    assert 0.0 <= results["baseline"]["global"]["liver"]["dice"] <= 1.0
+    evaluation = workdir / "evaluation" / "baseline"
+    assert {p.name for p in evaluation.iterdir()} >= {"metrics.json", "per_case.csv", "summary.md"}
+    report = workdir / "report" / "baseline"
+    html = (report / "index.html").read_text()
+    assert all(case in html for case in results["baseline"]["cases"])
+    pngs = sorted((report / "images").glob("*.png"))
+    assert len(pngs) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert (report / "training" / "fold_0.png").is_file()  # nnU-Net's progress.png, linked from the page
+    for shown in (str(report / "index.html"), "nnysegTrainer__nnysegBaselinePlans__3d_fullres_tiny", "mean ± SD"):
         assert shown in out

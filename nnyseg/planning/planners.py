@@ -477,16 +477,19 @@ def build_network_for_patch(
     input_channels: int = 1,
     num_classes: int = 2,
     deep_supervision: bool = True,
+    arch_kwargs: dict | None = None,
 ):
     """Build ``planner``'s network for a patch exactly as nnU-Net would from plans, without a dataset.
 
     Used by the benchmarks and tests. Returns ``(network, patch_size, architecture)``; the patch may be adjusted to
-    one the architecture can take (``topology``).
+    one the architecture can take (``topology``). ``arch_kwargs`` overrides entries of the plans' ``arch_kwargs``
+    (an ablation switch, as a plans configuration would).
     """
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     spacing = [1.0] * len(patch_size) if spacing is None else [float(s) for s in spacing]
     patch, architecture = planner.topology(spacing, list(patch_size), tiny=tiny)
+    architecture["arch_kwargs"] = {**architecture["arch_kwargs"], **(arch_kwargs or {})}
     network = get_network_from_plans(
         architecture["network_class_name"],
         architecture["arch_kwargs"],

@@ -1,0 +1,206 @@
+"""Does nnY-Net's cross-attention ("Y") branch learn from clinical features? Issue #3, requirement 6.
+
+The phantom's clinical variant (``write_nnunet_dataset(..., diagnosis=True)``) has lesions that look the same in
+every case, labelled tumour in "malignant" cases and liver in "benign" ones; only the clinical field ``diagnosis``
+tells them apart. The tiny nnY-Net is trained twice with the same seed, data, schedule and budget: once in
+``clinical`` cross-attention mode (queries from ``diagnosis`` plus the latent tokens) and once in ``latent`` mode
+(latent tokens only). Both predict the held-out test cases with the stock commands (``nnyseg predict --clinical`` for
+the clinical model), and ``nnyseg.evaluation.metrics`` scores them. The latent model cannot know which lesions are
+tumour, so it must either miss the malignant ones or mark the benign ones; the clinical model can do neither.
+
+Reported (appended to benchmarks/RESULTS.md): global tumour Dice over all test cases, over the malignant ones,
+the tumour voxels predicted in benign cases (all false positives), and global liver Dice.
+
+    python benchmarks/ybranch.py                      # the reported run (about 30 min on 2 CPU cores)
+    python benchmarks/ybranch.py --epochs 1 --iterations 4 --no-write   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+DATASET_ID, DATASET_NAME, PLANS = 502, "YBranchPhantom", "nnYNetPlans"
+MODES = ("clinical", "latent")
+
+
+def run(cmd: list[str], env: dict[str, str], log: Path) -> None:
+    """Run one stock command, its output into ``log``; fail loudly with the log's tail."""
+    print(f"$ {shlex.join(cmd)}", flush=True)
+    with log.open("a") as handle:
+        handle.write(f"\n$ {shlex.join(cmd)}\n")
+        handle.flush()
+        result = subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    if result.returncode:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise SystemExit(f"command failed ({result.returncode}): {shlex.join(cmd)}\n{tail}")
+
+
+def script(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def tumour_scores(gt_dir: Path, pred_dir: Path, diagnoses: dict[str, str]) -> dict[str, float]:
+    from nnyseg.evaluation.metrics import evaluate_folders
+
+    result = evaluate_folders(gt_dir, pred_dir, progress=False)
+    malignant = [c for c in result["cases"] if diagnoses[c] == "malignant"]
+    inter = total = benign_fp = 0
+    for case in result["cases"]:
+        gt = sitk.GetArrayFromImage(sitk.ReadImage(str(gt_dir / f"{case}.nii.gz"))) == 2
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / f"{case}.nii.gz"))) == 2
+        if case in malignant:
+            inter += int(np.logical_and(gt, pred).sum())
+            total += int(gt.sum()) + int(pred.sum())
+        else:
+            benign_fp += int(pred.sum())
+    return {
+        "tumour_global_dice": result["global"]["tumour"]["dice"],
+        "tumour_global_dice_malignant": 2 * inter / total if total else 1.0,
+        "tumour_voxels_in_benign_cases": benign_fp,
+        "liver_global_dice": result["global"]["liver"]["dice"],
+        "num_cases": result["num_cases"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="/tmp/nnyseg_ybranch", help="scratch folder (replaced)")
+    parser.add_argument("--preset", default="tiny", help="phantom grid preset (default: %(default)s)")
+    parser.add_argument("--num-training", type=int, default=16)
+    parser.add_argument("--num-test", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--iterations", type=int, default=40, help="training iterations per epoch")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, both runs")
+    parser.add_argument("--seed", type=int, default=0, help="phantom and training seed, both runs")
+    parser.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+
+    import shutil
+
+    from nnyseg.data.clinical import load_clinical_table
+    from nnyseg.data.phantom import write_nnunet_dataset
+    from nnyseg.planning.planners import TINY_CONFIGURATION
+    from nnyseg.trainers.base import PLANS_SETTINGS_KEY
+    from nnyseg.trainers.nnynet import add_clinical_configuration
+
+    started = time.time()
+    work = Path(args.workdir)
+    if work.exists():
+        shutil.rmtree(work)
+    env = dict(os.environ)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (work / var).mkdir(parents=True)
+        env[var] = str(work / var)
+    # single-process augmentation: the seed then fixes the batches too; 2 cores as on the development machine
+    env.update({"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "2", "nnUNet_compile": "false"})
+    log = work / "commands.log"
+
+    raw = write_nnunet_dataset(
+        work / "nnUNet_raw",
+        DATASET_ID,
+        DATASET_NAME,
+        num_training=args.num_training,
+        num_test=args.num_test,
+        preset=args.preset,
+        seed=args.seed,
+        min_tumours=2,
+        diagnosis=True,
+        progress=False,
+    )
+    table = load_clinical_table(raw)
+    cases = json.loads((raw / "clinical.json").read_text())["cases"]
+    diagnoses = {case: fields["diagnosis"] for case, fields in cases.items()}
+    plan_env = {**env, "nnUNet_n_proc_DA": "2"}  # nnU-Net's planner sets torch's threads from it: must be > 0
+    run([script("nnyseg"), "plan_and_preprocess", "-d", str(DATASET_ID), "-pl", "nnYNetPlanner", "-c", "3d_fullres",
+         "-npfp", "2", "-np", "2"], plan_env, log)  # fmt: skip
+
+    plans_file = work / "nnUNet_preprocessed" / raw.name / f"{PLANS}.json"
+    plans = json.loads(plans_file.read_text())
+    settings = {
+        "num_epochs": args.epochs,
+        "num_iterations_per_epoch": args.iterations,
+        "num_val_iterations_per_epoch": 4,
+        "save_every": args.epochs,
+        "initial_lr": args.lr,
+        "seed": args.seed,
+    }
+    architecture = add_clinical_configuration(plans, table.schema, base_configuration=TINY_CONFIGURATION)
+    configurations = {"latent": "ybranch_latent", "clinical": "ybranch_clinical"}
+    plans["configurations"]["ybranch_latent"] = {"inherits_from": TINY_CONFIGURATION, PLANS_SETTINGS_KEY: settings}
+    plans["configurations"]["ybranch_clinical"] = {"inherits_from": architecture, PLANS_SETTINGS_KEY: settings}
+    plans_file.write_text(json.dumps(plans, indent=1))
+
+    scores, seconds = {}, {}
+    for mode in MODES:
+        t0 = time.time()
+        config = configurations[mode]
+        run([script("nnUNetv2_train"), str(DATASET_ID), config, "all", "-tr", "nnYNetTrainer", "-p", PLANS,
+             "-device", "cpu"], env, log)  # fmt: skip
+        out = work / f"pred_{mode}"
+        common = ["-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c", config, "-f", "all",
+                  "-tr", "nnYNetTrainer", "-p", PLANS, "-device", "cpu", "-npp", "0", "-nps", "0"]  # fmt: skip
+        if mode == "clinical":
+            run([script("nnyseg"), "predict", *common, "--clinical", str(raw / "clinical.json")], env, log)
+        else:
+            run([script("nnUNetv2_predict"), *common], env, log)
+        scores[mode] = tumour_scores(raw / "labelsTs", out, diagnoses)
+        seconds[mode] = time.time() - t0
+        print(f"{mode}: {scores[mode]} ({seconds[mode]:.0f} s)", flush=True)
+
+    margin = scores["clinical"]["tumour_global_dice"] - scores["latent"]["tumour_global_dice"]
+    command = "python benchmarks/ybranch.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
+    test_ids = sorted(p.name[: -len(".nii.gz")] for p in (raw / "labelsTs").glob("*.nii.gz"))
+    n_malignant = sum(diagnoses[c] == "malignant" for c in test_ids)
+    lines = [
+        "",
+        f"## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, the Y branch learns from clinical features "
+        "(issue #3, requirement 6)",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Phantom clinical variant (`nnyseg phantom --diagnosis`), preset `{args.preset}`, seed {args.seed}: "
+        f"{args.num_training} training cases (fold `all`), {len(test_ids)} held-out test cases ({n_malignant} "
+        f"malignant, {len(test_ids) - n_malignant} benign), at least 2 lesions per case. Tiny nnY-Net "
+        f"(`3d_fullres_tiny`), `nnYNetTrainer` (AdamW, DiceFocalCE, poly), lr {args.lr:g}, {args.epochs} epochs x "
+        f"{args.iterations} iterations, trainer seed {args.seed}, CPU. Both runs differ only in the cross-attention "
+        "mode. Total wall time {:.0f} min.".format((time.time() - started) / 60),
+        "",
+        "| mode | tumour global Dice (all test cases) | tumour global Dice (malignant cases) "
+        "| tumour voxels predicted in benign cases | liver global Dice | train + predict (min) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode in MODES:
+        s = scores[mode]
+        lines.append(
+            f"| {mode} | {s['tumour_global_dice']:.3f} | {s['tumour_global_dice_malignant']:.3f} | "
+            f"{s['tumour_voxels_in_benign_cases']} | {s['liver_global_dice']:.3f} | {seconds[mode] / 60:.1f} |"
+        )
+    lines += ["", f"Margin (clinical - latent, tumour global Dice over all test cases): **{margin:+.3f}**.", ""]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        from nnyseg.io import atomic_file
+
+        with atomic_file(RESULTS) as tmp:
+            tmp.write_text(RESULTS.read_text().rstrip("\n") + "\n" + text)
+        print(f"appended to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
