@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnyseg.network_architecture.building_blocks.layout import channels_last_on_cpu
 from nnyseg.network_architecture.building_blocks.norms import InstanceNorm3dAnySize
 
 __all__ = ["ConvResBlock", "MedNeXtBlock", "MedNeXtUpBlock"]
@@ -62,6 +63,7 @@ class MedNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Maps ``(B, C_in, D, H, W)`` to ``(B, C_out, D, H, W)``."""
+        x = channels_last_on_cpu(x)
         out = self.project(self.act(self.expand(self.norm(self.dw_conv(x)))))
         if self.do_res:
             out = out + (x if self.res_conv is None else self.res_conv(x))
@@ -117,7 +119,8 @@ class MedNeXtUpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Maps ``(B, C_in, D, H, W)`` to ``(B, C_out, 2D, 2H, 2W)``."""
-        out = self._pad_front(self.dw_conv(x))
+        x = channels_last_on_cpu(x)
+        out = channels_last_on_cpu(self._pad_front(self.dw_conv(x)))
         out = self.project(self.act(self.expand(self.norm(out))))
         if self.res_conv is not None:
             out = out + self._pad_front(self.res_conv(x))

@@ -27,6 +27,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
+from nnyseg.network_architecture.building_blocks.layout import channels_last_on_cpu
 from nnyseg.network_architecture.building_blocks.reparam import to_tuple
 
 __all__ = ["MSCA_MODES", "MSCABlock", "MSCAttention"]
@@ -157,10 +158,11 @@ class MSCABlock(nn.Module):
         return self.fc2(self.act2(self.dwconv(self.fc1(u))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = channels_last_on_cpu(x)
         scale_shape = (1, -1) + (1,) * (x.ndim - 2)
         x = x + self.drop_path(self.layer_scale1.view(scale_shape) * self.spatial_attention(self.norm1(x)))
         x = x + self.drop_path(self.layer_scale2.view(scale_shape) * self.mlp(self.norm2(x)))
-        return x
+        return x.contiguous()  # back to NCDHW: the full convolutions of the ELAN blocks around are faster in it
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Feature-map elements, one map per convolution (``input_size`` excludes batch and channels)."""
