@@ -344,7 +344,7 @@ def device_name(device: str) -> str:
     if device == "mps":
         return f"Apple MPS ({platform.machine()})"
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.lower().startswith("model name") and ":" in line:
                 return "CPU: " + line.split(":", 1)[1].strip()
     return "CPU: " + (platform.processor() or platform.machine() or "unknown")
@@ -578,7 +578,7 @@ def worker_command(args: argparse.Namespace, key: str) -> list[str]:
 
 def run_architecture(args: argparse.Namespace, key: str) -> dict[str, Any]:
     """Runs one worker subprocess (its stderr passes through as progress) and returns its parsed JSON result."""
-    proc = subprocess.run(worker_command(args, key), stdout=subprocess.PIPE, text=True, check=False)
+    proc = subprocess.run(worker_command(args, key), stdout=subprocess.PIPE, text=True, encoding="utf-8", check=False)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     with contextlib.suppress(IndexError, json.JSONDecodeError):
         result = json.loads(lines[-1])

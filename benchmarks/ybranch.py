@@ -40,12 +40,12 @@ MODES = ("clinical", "latent")
 def run(cmd: list[str], env: dict[str, str], log: Path) -> None:
     """Run one stock command, its output into ``log``; fail loudly with the log's tail."""
     print(f"$ {shlex.join(cmd)}", flush=True)
-    with log.open("a") as handle:
+    with log.open("a", encoding="utf-8") as handle:
         handle.write(f"\n$ {shlex.join(cmd)}\n")
         handle.flush()
         result = subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if result.returncode:
-        tail = "\n".join(log.read_text().splitlines()[-30:])
+        tail = "\n".join(log.read_text(encoding="utf-8").splitlines()[-30:])
         raise SystemExit(f"command failed ({result.returncode}): {shlex.join(cmd)}\n{tail}")
 
 
@@ -122,14 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         progress=False,
     )
     table = load_clinical_table(raw)
-    cases = json.loads((raw / "clinical.json").read_text())["cases"]
+    cases = json.loads((raw / "clinical.json").read_text(encoding="utf-8"))["cases"]
     diagnoses = {case: fields["diagnosis"] for case, fields in cases.items()}
     plan_env = {**env, "nnUNet_n_proc_DA": "2"}  # nnU-Net's planner sets torch's threads from it: must be > 0
     run([script("nnyseg"), "plan_and_preprocess", "-d", str(DATASET_ID), "-pl", "nnYNetPlanner", "-c", "3d_fullres",
          "-npfp", "2", "-np", "2"], plan_env, log)  # fmt: skip
 
     plans_file = work / "nnUNet_preprocessed" / raw.name / f"{PLANS}.json"
-    plans = json.loads(plans_file.read_text())
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
     settings = {
         "num_epochs": args.epochs,
         "num_iterations_per_epoch": args.iterations,
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     configurations = {"latent": "ybranch_latent", "clinical": "ybranch_clinical"}
     plans["configurations"]["ybranch_latent"] = {"inherits_from": TINY_CONFIGURATION, PLANS_SETTINGS_KEY: settings}
     plans["configurations"]["ybranch_clinical"] = {"inherits_from": architecture, PLANS_SETTINGS_KEY: settings}
-    plans_file.write_text(json.dumps(plans, indent=1))
+    plans_file.write_text(json.dumps(plans, indent=1), encoding="utf-8")
 
     scores, seconds = {}, {}
     for mode in MODES:
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         from nnyseg.io import atomic_file
 
         with atomic_file(RESULTS) as tmp:
-            tmp.write_text(RESULTS.read_text().rstrip("\n") + "\n" + text)
+            tmp.write_text(RESULTS.read_text(encoding="utf-8").rstrip("\n") + "\n" + text)
         print(f"appended to {RESULTS}")
     return 0
 

@@ -214,9 +214,9 @@ def prepare_cascade(
             f"Cascade stage 2 of {source.name}: crops around the ground-truth liver with a {jitter_mm[0]}-"
             f"{jitter_mm[1]} mm margin per side, label 1 = tumour (nnyseg cascade prepare; see cascade.json)",
         )
-        (out1 / "dataset.json").write_text(json.dumps(stage1_json, indent=2) + "\n")
-        (out2 / "dataset.json").write_text(json.dumps(stage2_json, indent=2) + "\n")
-        (out2 / "cascade.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out1 / "dataset.json").write_text(json.dumps(stage1_json, indent=2) + "\n", encoding="utf-8")
+        (out2 / "dataset.json").write_text(json.dumps(stage2_json, indent=2) + "\n", encoding="utf-8")
+        (out2 / "cascade.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return stage1, stage2
 
 
@@ -243,7 +243,7 @@ def _model_dataset_json(model_folder: Path) -> dict:
                 f"{model_folder}: not a trained nnU-Net model folder (no {name}); expected "
                 "$nnUNet_results/DatasetXXX_Name/Trainer__Plans__configuration"
             )
-    return json.loads((model_folder / "dataset.json").read_text())
+    return json.loads((model_folder / "dataset.json").read_text(encoding="utf-8"))
 
 
 def run_nnunet_stage(model_folder: Path, input_folder: Path, output_folder: Path, options: StageOptions) -> None:
@@ -361,5 +361,5 @@ def predict_cascade(
                 final = np.zeros(shape, np.uint8)
                 record["cases"][case] = {"box": None, "warning": "stage 1 found no liver"}
             sitk.WriteImage(copy_geometry(sitk.GetImageFromArray(final), header), str(out / f"{case}{ending}"), True)
-        (out / "cascade.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out / "cascade.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return output

@@ -67,10 +67,12 @@ def _run(cmd: list[str], env: dict[str, str], log: Path) -> None:
     shown = " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))
     print(f"\n$ {shown}", flush=True)
     start = time.perf_counter()
-    with log.open("a", buffering=1) as f:  # line-buffered, so `tail -f demo.log` follows along
+    with log.open("a", buffering=1, encoding="utf-8") as f:  # line-buffered, so `tail -f demo.log` follows along
         f.write(f"\n$ {shown}\n")
         f.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8"
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             f.write(line)
@@ -236,7 +238,7 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
         evaluation = workdir / "evaluation" / model.key
         gt = str(dataset_dir / "labelsTs")
         _run([*nnyseg_cmd, "evaluate", "--gt", gt, "--pred", str(out), "-o", str(evaluation)], env, log)
-        results[model.key] = json.loads((evaluation / "metrics.json").read_text())
+        results[model.key] = json.loads((evaluation / "metrics.json").read_text(encoding="utf-8"))
         _run(
             [
                 *nnyseg_cmd,

@@ -47,7 +47,7 @@ def atomic_file(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
 def write_json_atomic(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON to ``path`` atomically; returns ``path``."""
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return Path(path)
 
 

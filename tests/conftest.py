@@ -44,7 +44,7 @@ def make_raw_dataset(
         "numTraining": n_cases,
         "file_ending": ending,
     }
-    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2), encoding="utf-8")
     return folder
 
 
@@ -107,7 +107,7 @@ def plan_micro_phantom(
     preprocess_dataset(dataset_id, planner.plans_identifier, ("3d_fullres",), (1,), show_progress_bar=False)
     preprocessed = root / "nnUNet_preprocessed" / raw.name
     plans_file = preprocessed / f"{planner.plans_identifier}.json"
-    plans = json.loads(plans_file.read_text())
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
     if quick_configuration is not None:
         plans["configurations"][quick_configuration] = {
             "inherits_from": TINY_CONFIGURATION,
@@ -118,5 +118,5 @@ def plan_micro_phantom(
                 "save_every": 1,
             },
         }
-        plans_file.write_text(json.dumps(plans, indent=1))
+        plans_file.write_text(json.dumps(plans, indent=1), encoding="utf-8")
     return raw, preprocessed, plans

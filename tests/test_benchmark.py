@@ -80,7 +80,9 @@ def tiny_run(tmp_path_factory) -> SimpleNamespace:
     start = time.perf_counter()
     code = bench.main(argv)
     elapsed = time.perf_counter() - start
-    return SimpleNamespace(code=code, results=results, argv=argv, text=results.read_text(), elapsed=elapsed)
+    return SimpleNamespace(
+        code=code, results=results, argv=argv, text=results.read_text(encoding="utf-8"), elapsed=elapsed
+    )
 
 
 def test_tiny_run_writes_one_section_with_the_command_line(tiny_run):

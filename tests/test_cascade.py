@@ -115,14 +115,14 @@ def test_prepare_writes_both_stage_datasets(source):
     stage1, stage2 = cascade.prepare_cascade(SOURCE_ID, STAGE1_ID, STAGE2_ID, seed=3, progress=False)
     assert tree_digest(source) == before
     assert stage1.name == "Dataset971_LiverCascadeLiver" and stage2.name == "Dataset972_LiverCascadeTumour"
-    json1, json2 = (json.loads((s / "dataset.json").read_text()) for s in (stage1, stage2))
+    json1, json2 = (json.loads((s / "dataset.json").read_text(encoding="utf-8")) for s in (stage1, stage2))
     assert json1["labels"] == {"background": 0, "liver": 1} and json2["labels"] == {"background": 0, "tumor": 1}
     assert json1["channel_names"] == json2["channel_names"] == {"0": "CT"}
     assert json1["numTraining"] == json2["numTraining"] == 3
     assert sorted(p.name for p in (stage1 / "imagesTs").iterdir()) == ["case_0003_0000.nii.gz", "case_0004_0000.nii.gz"]
     assert not (stage2 / "imagesTs").exists()
 
-    record = json.loads((stage2 / "cascade.json").read_text())
+    record = json.loads((stage2 / "cascade.json").read_text(encoding="utf-8"))
     for case in ("case_0000", "case_0001", "case_0002"):
         image_path = source / "imagesTr" / f"{case}_0000.nii.gz"
         label = _read(source / "labelsTr" / f"{case}.nii.gz")
@@ -143,7 +143,9 @@ def test_prepare_writes_both_stage_datasets(source):
 
 def test_prepare_is_reproducible_with_the_seed(source, tmp_path):
     def boxes(stage2: Path) -> dict:
-        return {k: v["box"] for k, v in json.loads((stage2 / "cascade.json").read_text())["cases"].items()}
+        return {
+            k: v["box"] for k, v in json.loads((stage2 / "cascade.json").read_text(encoding="utf-8"))["cases"].items()
+        }
 
     _, a = cascade.prepare_cascade(SOURCE_ID, 971, 972, seed=7, progress=False)
     _, b = cascade.prepare_cascade(SOURCE_ID, 971, 972, seed=7, overwrite=True, progress=False, raw_root=tmp_path / "b")
@@ -171,8 +173,10 @@ def test_prepare_errors_name_the_case(source, capsys):
 # --------------------------------------------------------------------------------------------------------------
 def _fake_model(folder: Path) -> Path:
     folder.mkdir(parents=True)
-    (folder / "plans.json").write_text("{}")
-    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}))
+    (folder / "plans.json").write_text("{}", encoding="utf-8")
+    (folder / "dataset.json").write_text(
+        json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}), encoding="utf-8"
+    )
     return folder
 
 
@@ -220,7 +224,7 @@ def test_predict_with_ground_truth_stages_gives_the_ground_truth(source, tmp_pat
     assert pred.GetSize() == image.GetSize() and pred.GetSpacing() == image.GetSpacing()
     assert pred.GetOrigin() == image.GetOrigin() and pred.GetDirection() == image.GetDirection()
     assert not sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case_0004.nii.gz"))).any()
-    record = json.loads((out / "cascade.json").read_text())
+    record = json.loads((out / "cascade.json").read_text(encoding="utf-8"))
     assert record["cases"]["case_0004"]["box"] is None and record["margin_mm"] == 10.0
 
     with pytest.raises(FileExistsError):
@@ -248,7 +252,7 @@ def _plan(dataset_id: int) -> None:
     planner.plan_experiment()
     preprocess_dataset(dataset_id, PLANS, ("3d_fullres",), (1,), show_progress_bar=False)
     plans_file = Path(os.environ["nnUNet_preprocessed"], planner.dataset_name, f"{PLANS}.json")
-    plans = json.loads(plans_file.read_text())
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
     plans["configurations"][QUICK] = {
         "inherits_from": TINY_CONFIGURATION,
         PLANS_SETTINGS_KEY: {
@@ -258,7 +262,7 @@ def _plan(dataset_id: int) -> None:
             "save_every": 1,
         },
     }
-    plans_file.write_text(json.dumps(plans, indent=1))
+    plans_file.write_text(json.dumps(plans, indent=1), encoding="utf-8")
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 def _nnyseg(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("nnyseg") or sys.executable
     cmd = [exe, *args] if exe != sys.executable else [exe, "-m", "nnyseg.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", timeout=120)
 
 
 def test_version():

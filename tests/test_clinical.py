@@ -45,20 +45,20 @@ def make_dataset(root: Path, n_train: int = 5, n_test: int = 0, name: str = "Dat
             (folder / sub / f"case_{i:04d}_0000.nii.gz").touch()
     dataset_json = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1}, "file_ending": ".nii.gz"}
     dataset_json["numTraining"] = n_train
-    (folder / "dataset.json").write_text(json.dumps(dataset_json))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json), encoding="utf-8")
     return folder
 
 
 def write_table(folder: Path, schema=SCHEMA, cases=CASES, **extra) -> Path:
     path = folder / "clinical.json"
-    path.write_text(json.dumps({"schema": schema, "cases": cases, **extra}))
+    path.write_text(json.dumps({"schema": schema, "cases": cases, **extra}), encoding="utf-8")
     return path
 
 
 def write_csv(folder: Path, text: str, schema=SCHEMA) -> Path:
-    (folder / "clinical_schema.json").write_text(json.dumps({"schema": schema}))
+    (folder / "clinical_schema.json").write_text(json.dumps({"schema": schema}), encoding="utf-8")
     path = folder / "clinical.csv"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -109,9 +109,9 @@ def test_test_cases_may_be_listed_and_dataset_json_case_list_is_used(tmp_path):
     write_table(folder, cases={**CASES, "case_0005": {"age": 40}})
     assert "case_0005" in load_clinical_table(folder).rows
     # a dataset.json "dataset" entry defines the training cases instead of imagesTr
-    dj = json.loads((folder / "dataset.json").read_text())
+    dj = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     dj["dataset"] = {k: {"images": [], "label": ""} for k in ("case_0000", "case_0001")}
-    (folder / "dataset.json").write_text(json.dumps(dj))
+    (folder / "dataset.json").write_text(json.dumps(dj), encoding="utf-8")
     write_table(folder, cases={k: CASES[k] for k in ("case_0000", "case_0001")})
     assert load_clinical_table(folder).case_ids == ["case_0000", "case_0001"]
 
@@ -153,7 +153,7 @@ def test_invalid_schema(dataset, schema, match):
 def test_duplicate_case_ids_json_and_csv(dataset, tmp_path):
     body = json.dumps({"schema": SCHEMA, "cases": CASES})
     dup = body[:-2] + ', "case_0000": {"age": 1}}}'
-    (dataset / "clinical.json").write_text(dup)
+    (dataset / "clinical.json").write_text(dup, encoding="utf-8")
     with pytest.raises(ClinicalTableError, match=r"duplicate key 'case_0000' \(a case id listed twice\)"):
         load_clinical_table(dataset)
     other = make_dataset(tmp_path / "csv")
@@ -298,7 +298,7 @@ def test_normalisation_round_trips_through_json_and_checks_the_network(dataset, 
     path = tmp_path / "norm.json"
     stats.save(path)
     again = ClinicalNormalisation.load(path)
-    assert again == stats and json.loads(path.read_text())["numeric"]["age"]["n_cases"] == 3
+    assert again == stats and json.loads(path.read_text(encoding="utf-8"))["numeric"]["age"]["n_cases"] == 3
     with pytest.raises(ValueError, match="clinical fields"):
         again.apply_to(ClinicalTokenizer(SCHEMA[:2], dim=4))
     with pytest.raises(ValueError, match="no clinical tokenizer"):
@@ -325,7 +325,7 @@ def test_schema_comparison(dataset):
 def test_load_clinical_file_reads_a_table_of_new_cases_on_its_own(dataset, tmp_path):
     new_cases = {"case_0100": {"age": 55, "diagnosis": "HCC", "afp": 3.0}, "case_0101": {"age": None}}
     path = tmp_path / "new.json"
-    path.write_text(json.dumps({"schema": SCHEMA, "cases": new_cases}))
+    path.write_text(json.dumps({"schema": SCHEMA, "cases": new_cases}), encoding="utf-8")
     table = load_clinical_file(path)
     assert table.case_ids == ["case_0100", "case_0101"]
     values, missing = table.network_input(["case_0101", "case_0100"])
@@ -333,7 +333,7 @@ def test_load_clinical_file_reads_a_table_of_new_cases_on_its_own(dataset, tmp_p
     np.testing.assert_array_equal(missing.numpy(), [[True, True, True], [False, False, False]])
     csv_path = write_csv(tmp_path, "case_id,age,diagnosis,afp\ncase_0100,55,HCC,3\n")
     assert load_clinical_file(csv_path).rows == {"case_0100": table.rows["case_0100"]}
-    path.write_text(json.dumps({"schema": SCHEMA, "cases": {"case_0100": {"age": "old"}}}))
+    path.write_text(json.dumps({"schema": SCHEMA, "cases": {"case_0100": {"age": "old"}}}), encoding="utf-8")
     with pytest.raises(ClinicalTableError, match=r"(?s)new.json.*case 'case_0100', field 'age'"):
         load_clinical_file(path)
     with pytest.raises(FileNotFoundError, match=r"nope\.json"):

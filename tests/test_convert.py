@@ -65,7 +65,7 @@ def lits_source(tmp_path) -> Path:
     # Test volume 0 shares its number with training case 0: it must not be taken for volume-0.
     _write_pair(test / "test-volume-0.nii", None, 10)
     _write_pair(test / "test-volume-5.nii", None, 11, direction="flipped")
-    (src / "README.txt").write_text("not a case\n")
+    (src / "README.txt").write_text("not a case\n", encoding="utf-8")
     return src
 
 
@@ -104,7 +104,7 @@ def test_lits_conversion_copies_every_case_exactly(lits_source, tmp_path):
     assert folder == raw / "Dataset501_LiTS"
     assert tree_digest(lits_source) == before
     assert _leftovers(raw) == ["Dataset501_LiTS"]
-    dataset_json = json.loads((folder / "dataset.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["channel_names"] == {"0": "CT"}
     assert dataset_json["labels"] == REGION_LABELS
     assert dataset_json["regions_class_order"] == [1, 2]
@@ -131,7 +131,7 @@ def test_lits_conversion_copies_every_case_exactly(lits_source, tmp_path):
     tumour_free = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / "lits_013.nii.gz")))
     assert set(np.unique(tumour_free).tolist()) == {0, 1}
 
-    sidecar = json.loads((folder / "conversion.json").read_text())
+    sidecar = json.loads((folder / "conversion.json").read_text(encoding="utf-8"))
     assert sidecar["nnyseg_version"]
     assert sidecar["cases"] == {
         c: {"image": i} | ({"label": lab} if lab else {}) for c, (i, lab) in EXPECTED_LITS.items()
@@ -224,7 +224,7 @@ def test_lits_without_cases_says_so(tmp_path):
 def test_lits_existing_dataset_needs_overwrite(lits_source, tmp_path):
     raw = tmp_path / "raw"
     folder = convert_lits(lits_source, 504, raw_root=raw, num_processes=1, progress=False)
-    (folder / "marker").write_text("old")
+    (folder / "marker").write_text("old", encoding="utf-8")
     with pytest.raises(FileExistsError, match="Dataset504_LiTS: already exists"):
         convert_lits(lits_source, 504, raw_root=raw, num_processes=1, progress=False)
     assert (folder / "marker").exists()
@@ -274,7 +274,7 @@ def test_atlas_conversion_copies_every_case_and_asks_for_zscore(atlas_source, tm
 
     assert folder.name == "Dataset601_ATLAS"
     assert tree_digest(atlas_source) == before
-    dataset_json = json.loads((folder / "dataset.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["channel_names"] == {"0": "MRI"}
     assert get_normalization_scheme(dataset_json["channel_names"]["0"]) is ZScoreNormalization
     assert dataset_json["labels"] == REGION_LABELS
@@ -290,7 +290,7 @@ def test_atlas_conversion_copies_every_case_and_asks_for_zscore(atlas_source, tm
     for case_id, (image_rel, label_rel) in expected.items():
         _check_case_copied(folder, atlas_source, case_id, image_rel, label_rel)
     assert sorted(p.name for p in (folder / "imagesTs").iterdir()) == ["atlas_test_060_0000.nii.gz"]
-    sidecar = json.loads((folder / "conversion.json").read_text())
+    sidecar = json.loads((folder / "conversion.json").read_text(encoding="utf-8"))
     assert sidecar["cases"]["atlas_010"] == {"image": expected["atlas_010"][0], "label": expected["atlas_010"][1]}
     validate_raw_dataset(folder, progress=False)
 
@@ -448,7 +448,7 @@ def test_dicom_errors_name_the_folder(tmp_path):
         convert_dicom(empty, tmp_path / "ct.nii.gz")
     not_dicom = tmp_path / "not_dicom"
     not_dicom.mkdir()
-    (not_dicom / "notes.txt").write_text("hello\n")
+    (not_dicom / "notes.txt").write_text("hello\n", encoding="utf-8")
     sitk.WriteImage(sitk.Image(4, 4, 4, sitk.sitkInt16), str(not_dicom / "scan.nii.gz"))
     with pytest.raises(ValueError, match=r"not_dicom: no DICOM series found \(2 file\(s\) in the folder, none a DICOM"):
         convert_dicom(not_dicom, tmp_path / "ct.nii.gz")
@@ -488,7 +488,9 @@ def test_cli_convert_atlas(atlas_source, tmp_path):
     env = os.environ | {"nnUNet_raw": str(tmp_path)}
     result = _nnyseg("convert", "atlas", str(atlas_source), "-d", "603", "--name", "LiverMRI", "-np", "1", env=env)
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "Dataset603_LiverMRI" / "dataset.json").read_text())["numTraining"] == 3
+    assert (
+        json.loads((tmp_path / "Dataset603_LiverMRI" / "dataset.json").read_text(encoding="utf-8"))["numTraining"] == 3
+    )
 
     result = _nnyseg("convert", "atlas", str(atlas_source), "-d", "603", "--name", "LiverMRI", env=env)
     assert result.returncode == 2

@@ -108,9 +108,9 @@ def test_non_ct_channel_is_refused(tmp_path, monkeypatch):
         (tmp_path / var).mkdir()
         monkeypatch.setenv(var, str(tmp_path / var))
     raw = write_nnunet_dataset(tmp_path / "nnUNet_raw", 982, "NotCT", num_training=2, num_test=0, preset="micro")
-    dataset_json = json.loads((raw / "dataset.json").read_text())
+    dataset_json = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
     dataset_json["channel_names"] = {"0": "T1"}
-    (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    (raw / "dataset.json").write_text(json.dumps(dataset_json), encoding="utf-8")
     extract_fingerprint_dataset(982, num_processes=1)
     with pytest.raises(ValueError, match=r"Dataset982_NotCT.*'T1'"):
         ELANResMSCAPaperPlanner(982).plan_experiment()
@@ -184,7 +184,7 @@ def test_body_crop_and_uncrop_commands(tmp_path, monkeypatch, capsys):
     assert cli_main(["body-crop", "983", "-d", "984"]) == 0
     assert tree_digest(source) == before
     target = tmp_path / "raw" / "Dataset984_BodyBodyCrop"
-    crops = json.loads((target / "crops.json").read_text())
+    crops = json.loads((target / "crops.json").read_text(encoding="utf-8"))
     assert set(crops["cases"]) == {"case_0000", "case_0001", "case_0002"}
     for case, info in crops["cases"].items():
         split = info["split"]

@@ -27,10 +27,10 @@ def test_environment_points_nnunet_into_the_workdir(tmp_path, monkeypatch):
 def test_refuses_to_wipe_a_folder_it_did_not_make(tmp_path):
     precious = tmp_path / "mine"
     precious.mkdir()
-    (precious / "data.txt").write_text("keep me")
+    (precious / "data.txt").write_text("keep me", encoding="utf-8")
     with pytest.raises(FileExistsError, match="not made by the demo"):
         run_demo(precious)
-    assert (precious / "data.txt").read_text() == "keep me"
+    assert (precious / "data.txt").read_text(encoding="utf-8") == "keep me"
 
 
 def test_unknown_model(tmp_path):
@@ -49,7 +49,7 @@ def test_demo_runs_end_to_end_on_the_micro_phantom(tmp_path, capsys):
     evaluation = workdir / "evaluation" / "baseline"
     assert {p.name for p in evaluation.iterdir()} >= {"metrics.json", "per_case.csv", "summary.md"}
     report = workdir / "report" / "baseline"
-    html = (report / "index.html").read_text()
+    html = (report / "index.html").read_text(encoding="utf-8")
     assert all(case in html for case in results["baseline"]["cases"])
     pngs = sorted((report / "images").glob("*.png"))
     assert len(pngs) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

@@ -50,7 +50,7 @@ def planned(tmp_path_factory):
         root, mp, DATASET_ID, DynTransNetPlanner, name="DynTransTrainer", quick_configuration=SMOKE
     )
     plans_file = folder / f"{PLANS}.json"
-    dataset_json = json.loads((plans_file.parent / "dataset.json").read_text())
+    dataset_json = json.loads((plans_file.parent / "dataset.json").read_text(encoding="utf-8"))
     # CPU-sized process counts for training (planning needs n_proc_DA > 0): augmentation in the main process, one
     # export/metrics worker. They change speed, not results.
     mp.setenv("nnUNet_n_proc_DA", "0")
@@ -239,7 +239,7 @@ def test_label_based_dataset_warns_and_uses_softmax_dice(planned):
     assert sum("label-based" in str(w.message) for w in record) == 1  # warned once
     assert type(trainer.loss) is MemoryEfficientSoftDiceLoss and trainer.loss.do_bg is False
     assert trainer.loss.apply_nonlin is softmax_helper_dim1
-    assert "paper trains sigmoid outputs" in Path(trainer.log_file).read_text()
+    assert "paper trains sigmoid outputs" in Path(trainer.log_file).read_text(encoding="utf-8")
 
     trainer = _make_trainer(DynTransNetTrainer_nnUNet, planned, dataset_json=ds_json)
     trainer.initialize()
@@ -280,11 +280,11 @@ def test_short_training_run(planned, cls, optimizer_name):
     assert checkpoint["optimizer_state"]["param_groups"][0]["lr"] == 1e-4
     assert checkpoint["init_args"]["configuration"] == SMOKE
 
-    summary = json.loads((folder / "validation" / "summary.json").read_text())
+    summary = json.loads((folder / "validation" / "summary.json").read_text(encoding="utf-8"))
     assert set(summary["mean"]) == {"(1, 2)", "2"}  # region-based: liver incl. tumour, and tumour
     assert "Dice" in summary["foreground_mean"]
 
-    log = next(folder.glob("training_log_*.txt")).read_text()
+    log = next(folder.glob("training_log_*.txt")).read_text(encoding="utf-8")
     assert "'num_epochs': 1" in log and "'num_iterations_per_epoch': 2" in log
     assert f"'optimizer': '{optimizer_name.lower()}'" in log
     assert "Iteration budget: 1 epochs x 2 iterations = 2 total iterations of batch 2" in log

@@ -46,7 +46,7 @@ def planned(tmp_path_factory):
         "root": root,
         "folder": folder,
         "plans": plans,
-        "dataset_json": json.loads((folder / "dataset.json").read_text()),
+        "dataset_json": json.loads((folder / "dataset.json").read_text(encoding="utf-8")),
     }
     mp.undo()
 
@@ -97,7 +97,7 @@ def test_paper_recipe(planned):
         assert lr == pytest.approx(1e-4 * factor, rel=1e-12)
         assert weights == pytest.approx((1.0, 0.4 * factor, 0.4 * factor), rel=1e-12)
     assert weights[1] == pytest.approx(0.256)
-    log = Path(trainer.log_file).read_text()
+    log = Path(trainer.log_file).read_text(encoding="utf-8")
     assert "Deep supervision weights: [1.0, 0.256, 0.256]" in log
     # Training and its validation use the branches; only the predictor's build is fused.
     assert not trainer.network.deployed
@@ -186,8 +186,8 @@ def test_predictor_runs_the_fused_network(planned, monkeypatch):
     pm = PlansManager(planned["plans"])
     model = planned["root"] / "nnUNet_results" / "fused_model"
     (model / "plans.json").parent.mkdir(parents=True)
-    (model / "plans.json").write_text(json.dumps(planned["plans"]))
-    (model / "dataset.json").write_text(json.dumps(planned["dataset_json"]))
+    (model / "plans.json").write_text(json.dumps(planned["plans"]), encoding="utf-8")
+    (model / "dataset.json").write_text(json.dumps(planned["dataset_json"]), encoding="utf-8")
     folds = [_fold_weights(pm, seed) for seed in (0, 1)]
     for fold, weights in enumerate(folds):
         (model / f"fold_{fold}").mkdir()
@@ -272,7 +272,7 @@ def test_short_training_run(planned, monkeypatch, cls):
     )
     assert checkpoint["network_weights"].keys() == fresh.state_dict().keys()  # no fused state in checkpoints
     assert all(torch.isfinite(v).all() for v in checkpoint["network_weights"].values() if v.is_floating_point())
-    log = next(folder.glob("training_log_*.txt")).read_text()
+    log = next(folder.glob("training_log_*.txt")).read_text(encoding="utf-8")
     assert f"nnyseg trainer settings ({cls.__name__})" in log and "'num_epochs': 1" in log
     assert "Training done." in log and np.isfinite(trainer.logger.get_value("train_losses", 0))
     if cls is ELANResMSCATrainer:
@@ -281,7 +281,7 @@ def test_short_training_run(planned, monkeypatch, cls):
         # nnU-Net's final validation runs the training network (deep supervision off), unfused.
         trainer.perform_actual_validation(False)
         assert not trainer.network.deployed
-        summary = json.loads((folder / "validation" / "summary.json").read_text())
+        summary = json.loads((folder / "validation" / "summary.json").read_text(encoding="utf-8"))
         assert set(summary["mean"]) == {"(1, 2)", "2"}
     else:
         assert "'optimizer': 'sgd'" in log and "Current learning rate: 0.01" in log

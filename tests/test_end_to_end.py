@@ -43,7 +43,7 @@ def workspace(tmp_path_factory):
     env.update(nnUNet_def_n_proc="2", nnUNet_n_proc_DA="2", PYTHONUNBUFFERED="1")
 
     def run(*cmd: str, timeout: int = 600) -> str:
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=timeout)
         assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
         return result.stdout + result.stderr
 
@@ -107,7 +107,7 @@ def _dataset_folder(root: Path, kind: str) -> Path:
 
 
 def test_plans_written_by_nnyseg_planner(trained):
-    plans = json.loads((_dataset_folder(trained, "nnUNet_preprocessed") / f"{PLANS}.json").read_text())
+    plans = json.loads((_dataset_folder(trained, "nnUNet_preprocessed") / f"{PLANS}.json").read_text(encoding="utf-8"))
     tiny = plans["configurations"][CONFIG]
     assert plans["experiment_planner_used"] == "ELANResMSCAPlanner"
     assert tiny["architecture"]["network_class_name"] == "nnyseg.network_architecture.elanres_msca_unet.ELANResMSCAUNet"
@@ -119,10 +119,10 @@ def test_training_outputs_per_fold(trained):
     for fold in (0, 1):
         folder = model / f"fold_{fold}"
         assert (folder / "checkpoint_final.pth").is_file()
-        summary = json.loads((folder / "validation" / "summary.json").read_text())
+        summary = json.loads((folder / "validation" / "summary.json").read_text(encoding="utf-8"))
         assert set(summary["mean"]) == {"(1, 2)", "2"}  # region-based: liver incl. tumour, and tumour
         assert list((folder / "validation").glob("*.npz")), "--val --npz must write probabilities"
-        log = next(folder.glob("training_log_*.txt")).read_text()
+        log = next(folder.glob("training_log_*.txt")).read_text(encoding="utf-8")
         assert "nnyseg trainer settings" in log and "'num_epochs': 10" in log
 
 
@@ -144,7 +144,7 @@ def test_find_best_configuration_and_predict(trained, workspace):
         "2",
     )
     results = _dataset_folder(root, "nnUNet_results")
-    instructions = (results / "inference_instructions.txt").read_text()
+    instructions = (results / "inference_instructions.txt").read_text(encoding="utf-8")
     assert f"-tr {TRAINER}" in instructions and f"-p {PLANS}" in instructions
 
     raw = _dataset_folder(root, "nnUNet_raw")

@@ -50,8 +50,8 @@ def _example_folders(root) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         _write_pair(root, case, gt, pred, ending=".nii" if case == "case_b" else ".nii.gz")
     write_image(root / "gt" / "case_d.nii.gz", _label(liver=liver), spacing=SPACING_XYZ)
     # nnU-Net writes these beside its predictions; they are not cases.
-    (root / "pred" / "plans.json").write_text("{}")
-    (root / "pred" / "dataset.json").write_text("{}")
+    (root / "pred" / "plans.json").write_text("{}", encoding="utf-8")
+    (root / "pred" / "dataset.json").write_text("{}", encoding="utf-8")
     return cases
 
 
@@ -115,7 +115,7 @@ def test_outputs(tmp_path):
     def no_nan(token):
         raise AssertionError(f"metrics.json holds {token}")
 
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=no_nan) == result
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"), parse_constant=no_nan) == result
 
     with open(tmp_path / "out" / "per_case.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -129,7 +129,7 @@ def test_outputs(tmp_path):
     assert rows[0]["lesions_tp"] == "1" and rows[0]["lesions_fn"] == "1"
     assert rows[1]["tumour_rvd"] == ""  # no true tumour in case_b: RVD undefined
 
-    summary = (tmp_path / "out" / "summary.md").read_text()
+    summary = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     liver_dice = result["mean"]["liver"]["dice"]
     assert f"| dice | {liver_dice['mean']:.4f} | {liver_dice['sd']:.4f} | 3 |" in summary
     assert "case_d" in summary  # the ground truth without prediction is reported
@@ -163,7 +163,7 @@ def test_bad_input_names_the_file(tmp_path, problem, message):
         (tmp_path / "gt").rmdir()
     elif problem == "empty prediction folder":
         pred.unlink()
-        (tmp_path / "pred" / "plans.json").write_text("{}")
+        (tmp_path / "pred" / "plans.json").write_text("{}", encoding="utf-8")
     elif problem == "prediction without ground truth":
         write_image(tmp_path / "pred" / "extra.nii.gz", label, spacing=SPACING_XYZ)
     elif problem == "spacing differs":
@@ -204,7 +204,7 @@ def test_real_liver_against_its_erosion(tmp_path):
 
 def _nnyseg(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "nnyseg.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", timeout=120, cwd=REPO)
 
 
 def test_cli(tmp_path):
@@ -213,7 +213,7 @@ def test_cli(tmp_path):
     done = _nnyseg("evaluate", "--gt", str(tmp_path / "gt"), "--pred", str(tmp_path / "pred"), "-o", str(out))
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "per_case.csv", "summary.md"]
-    assert json.loads((out / "metrics.json").read_text())["num_cases"] == 3
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["num_cases"] == 3
     assert "global" in done.stdout and "case_a" in done.stdout
 
     write_image(tmp_path / "pred" / "case_a.nii.gz", _label()[:, :4], spacing=SPACING_XYZ)

@@ -58,16 +58,16 @@ def workspace(tmp_path_factory):
     ids = training + test
     assert len(ids) == len(AGES)
     cases = {case: {"age": age, "diagnosis": diag} for case, age, diag in zip(ids, AGES, DIAGNOSES, strict=True)}
-    (raw / "clinical.json").write_text(json.dumps({"schema": SCHEMA, "cases": cases}, indent=2))
+    (raw / "clinical.json").write_text(json.dumps({"schema": SCHEMA, "cases": cases}, indent=2), encoding="utf-8")
 
     preprocessed = root / "nnUNet_preprocessed" / raw.name
-    plans = json.loads((preprocessed / f"{PLANS}.json").read_text())
+    plans = json.loads((preprocessed / f"{PLANS}.json").read_text(encoding="utf-8"))
     configurations = plans["configurations"]
     configurations[LATENT_RUN] = {"inherits_from": TINY_CONFIGURATION, PLANS_SETTINGS_KEY: SHORT}
     assert add_clinical_configuration(plans, SCHEMA, base_configuration=TINY_CONFIGURATION) == CLINICAL
     configurations[CLINICAL_RUN] = {"inherits_from": CLINICAL, PLANS_SETTINGS_KEY: SHORT}
-    (preprocessed / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
-    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    (preprocessed / f"{PLANS}.json").write_text(json.dumps(plans, indent=2), encoding="utf-8")
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text(encoding="utf-8"))
     yield {"root": root, "raw": raw, "plans": plans, "dataset_json": dataset_json, "ids": ids}
     torch.set_num_threads(threads)
     mp.undo()
@@ -81,7 +81,9 @@ def make_trainer(ws: dict, configuration: str, plans: dict | None = None, fold: 
 
 def fold0(ws: dict) -> dict[str, list[str]]:
     """nnU-Net's fold-0 split (``splits_final.json``, written by the first ``do_split``)."""
-    return json.loads((ws["root"] / "nnUNet_preprocessed" / ws["raw"].name / "splits_final.json").read_text())[0]
+    return json.loads(
+        (ws["root"] / "nnUNet_preprocessed" / ws["raw"].name / "splits_final.json").read_text(encoding="utf-8")
+    )[0]
 
 
 def fold0_training_keys(ws: dict) -> list[str]:
@@ -191,7 +193,9 @@ def test_clinical_batch_maps_keys_to_rows_in_order(workspace):
 def test_clinical_mode_without_a_table_or_with_another_schema_is_a_clear_error(workspace, tmp_path, monkeypatch):
     empty_raw = tmp_path / "raw"
     (empty_raw / workspace["raw"].name).mkdir(parents=True)
-    (empty_raw / workspace["raw"].name / "dataset.json").write_text(json.dumps(workspace["dataset_json"]))
+    (empty_raw / workspace["raw"].name / "dataset.json").write_text(
+        json.dumps(workspace["dataset_json"]), encoding="utf-8"
+    )
     monkeypatch.setenv("nnUNet_raw", str(empty_raw))
     trainer = make_trainer(workspace, CLINICAL)
     with pytest.raises(ValueError, match=r"'clinical' cross-attention mode but the raw dataset .* no clinical table"):
@@ -225,7 +229,7 @@ def _check_run(trainer: nnYNetTrainer) -> tuple[dict, str]:
     assert checkpoint["trainer_name"] == "nnYNetTrainer" and checkpoint["current_epoch"] == 1
     assert any(k.startswith("cross_attention.") for k in checkpoint["network_weights"])
     assert checkpoint["optimizer_state"]["param_groups"][0]["weight_decay"] == pytest.approx(1e-5)
-    log = next(folder.glob("training_log_*.txt")).read_text()
+    log = next(folder.glob("training_log_*.txt")).read_text(encoding="utf-8")
     assert "nnyseg trainer settings (nnYNetTrainer)" in log and "'optimizer': 'adamw'" in log
     assert "'num_epochs': 1" in log and "Epoch 0" in log and "Training done." in log
     train_loss = trainer.logger.get_value("train_losses", step=-1)
@@ -270,7 +274,7 @@ def test_short_training_run_clinical_mode_feeds_each_cases_row(workspace):
         torch.testing.assert_close(condition[1], expected[1])
     assert network.condition is None
     # the fold's statistics are saved beside the checkpoint and inside it
-    saved = json.loads((Path(trainer.output_folder) / CLINICAL_NORMALISATION_FILE).read_text())
+    saved = json.loads((Path(trainer.output_folder) / CLINICAL_NORMALISATION_FILE).read_text(encoding="utf-8"))
     assert saved == trainer.clinical_normalisation.to_dict()
     weights = checkpoint["network_weights"]
     assert weights["cross_attention.tokenizer.numeric_mean"].tolist() == pytest.approx(
@@ -338,7 +342,7 @@ def test_nnyseg_predict_feeds_each_cases_row_to_every_fold(workspace, clinical_m
     cases = _prediction_inputs(workspace, tmp_path / "in")
     table = tmp_path / "new_cases.json"
     rows = {cases[0]: {"age": 80.0, "diagnosis": "metastasis"}, cases[1]: {"age": None, "diagnosis": "HCC"}}
-    table.write_text(json.dumps({"schema": SCHEMA, "cases": rows}))
+    table.write_text(json.dumps({"schema": SCHEMA, "cases": rows}), encoding="utf-8")
 
     seen = []  # (condition values, condition missing, the fold's age mean) of every forward pass
     original_forward = SwinNeXtUNet.forward
@@ -382,17 +386,17 @@ def test_nnyseg_predict_checks_the_table_and_the_model(workspace, clinical_model
     cases = _prediction_inputs(workspace, tmp_path / "in")
     table = tmp_path / "t.json"
     # a case without a row: warned about by name, predicted with every field missing
-    table.write_text(json.dumps({"schema": SCHEMA, "cases": {cases[0]: {"age": 50.0}}}))
+    table.write_text(json.dumps({"schema": SCHEMA, "cases": {cases[0]: {"age": 50.0}}}), encoding="utf-8")
     with pytest.warns(UserWarning, match=rf"no row for 1 case\(s\) \['{cases[1]}'\]"):
         main(_predict_argv(tmp_path / "in", tmp_path / "out", "-npp", "0", "-nps", "0", "--clinical", str(table)))
     # a table whose schema is not the model's
-    table.write_text(json.dumps({"schema": SCHEMA[::-1], "cases": {}}))
+    table.write_text(json.dumps({"schema": SCHEMA[::-1], "cases": {}}), encoding="utf-8")
     with pytest.raises(ValueError, match=r"clinical schema of the model in .*arch_kwargs\['clinical_schema'\]"):
         main(_predict_argv(tmp_path / "in", tmp_path / "out2", "-npp", "0", "-nps", "0", "--clinical", str(table)))
     with pytest.raises(ValueError, match="--clinical needs a table file"):
         main(_predict_argv(tmp_path / "in", tmp_path / "out3", "--clinical"))
     # a model that takes no clinical features
-    table.write_text(json.dumps({"schema": SCHEMA, "cases": {}}))
+    table.write_text(json.dumps({"schema": SCHEMA, "cases": {}}), encoding="utf-8")
     predictor = ClinicalPredictor(clinical_table=load_clinical_file(table), device=torch.device("cpu"))
     predictor.network = torch.nn.Conv3d(1, 1, 1)
     with pytest.raises(ValueError, match=r"does not take clinical features .*Conv3d.*drop --clinical"):

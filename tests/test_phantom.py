@@ -280,7 +280,7 @@ def test_write_nnunet_dataset(tmp_path: Path) -> None:
     assert sorted(p.name for p in (folder / "imagesTs").iterdir()) == ["case_0003_0000.nii.gz", "case_0004_0000.nii.gz"]
     assert sorted(p.name for p in (folder / "labelsTs").iterdir()) == ["case_0003.nii.gz", "case_0004.nii.gz"]
 
-    ds = json.loads((folder / "dataset.json").read_text())
+    ds = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert ds["channel_names"] == {"0": "CT"}
     assert ds["labels"] == {"background": 0, "liver": [1, 2], "tumor": 2}
     assert ds["regions_class_order"] == [1, 2]
@@ -288,7 +288,7 @@ def test_write_nnunet_dataset(tmp_path: Path) -> None:
     for key in ("name", "description", "licence", "reference"):
         assert ds[key]
 
-    side = json.loads((folder / "phantom.json").read_text())
+    side = json.loads((folder / "phantom.json").read_text(encoding="utf-8"))
     assert side["seed"] == 7 and side["preset"] == "micro" and side["phase"] == "portal"
     assert side["direction"] == "identity" and side["generator_version"] == GENERATOR_VERSION
     assert side["numpy_version"] == np.__version__ and "scipy_version" in side
@@ -323,7 +323,7 @@ def test_write_nnunet_dataset(tmp_path: Path) -> None:
     write_nnunet_dataset(raw, 42, num_training=2, num_test=0, preset="micro", seed=8, overwrite=True, progress=False)
     assert sorted(p.name for p in raw.iterdir()) == ["Dataset042_LiverPhantom"]
     assert len(list((folder / "imagesTr").iterdir())) == 2 and not list((folder / "imagesTs").iterdir())
-    assert json.loads((folder / "phantom.json").read_text())["seed"] == 8
+    assert json.loads((folder / "phantom.json").read_text(encoding="utf-8"))["seed"] == 8
 
 
 def test_write_nnunet_dataset_cleans_up_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -420,7 +420,7 @@ def test_diagnosis_variant_changes_only_the_labels_of_benign_cases(tmp_path: Pat
             read(plain, "images", sub, f"{case}_0000.nii.gz"), read(clinical, "images", sub, f"{case}_0000.nii.gz")
         )
         before, after = read(plain, "labels", sub, f"{case}.nii.gz"), read(clinical, "labels", sub, f"{case}.nii.gz")
-        kind = json.loads((clinical / "clinical.json").read_text())["cases"][case]["diagnosis"]
+        kind = json.loads((clinical / "clinical.json").read_text(encoding="utf-8"))["cases"][case]["diagnosis"]
         assert kind == ("malignant" if i % 2 == 0 else "benign")
         assert (before == 2).any()
         if kind == "malignant":

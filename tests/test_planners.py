@@ -111,10 +111,9 @@ def test_tiny_preset_builds_and_runs_through_nnunets_plans_handling(fingerprinte
         tiny[PLANS_SETTINGS_KEY],
     )
     cm = PlansManager(plans).get_configuration(TINY_CONFIGURATION)
-    assert (
-        cm.data_identifier == "nnUNetPlans_3d_fullres"
-        and cm.spacing == plans["configurations"]["3d_fullres"]["spacing"]
-    )
+    # the tiny preset reads the 3d_fullres data: nnU-Net's own, unless the planner changes the preprocessing
+    data = "nnUNetPlans_3d_fullres" if planner_cls.shares_nnunet_preprocessing else f"{plans['plans_name']}_3d_fullres"
+    assert cm.data_identifier == data and cm.spacing == plans["configurations"]["3d_fullres"]["spacing"]
     net = get_network_from_plans(
         cm.network_arch_class_name,
         cm.network_arch_init_kwargs,
@@ -163,17 +162,19 @@ def test_build_network_for_patch_adjusts_to_constraints():
 def test_plans_docs_are_up_to_date(planner_cls):
     path = REPO / "plans" / f"{planner_cls.default_plans_name}.md"
     assert path.is_file(), f"run `python -m nnyseg.planning.describe` to write {path}"
-    assert path.read_text() == describe(planner_cls), f"{path} is stale: run `python -m nnyseg.planning.describe`"
+    assert path.read_text(encoding="utf-8") == describe(planner_cls), (
+        f"{path} is stale: run `python -m nnyseg.planning.describe`"
+    )
 
 
 def test_plans_index_is_up_to_date():
     from nnyseg.planning.describe import index
 
-    assert (REPO / "plans" / "README.md").read_text() == index()
+    assert (REPO / "plans" / "README.md").read_text(encoding="utf-8") == index()
 
 
 def test_written_plans_file_is_plain_nnunet_json(fingerprinted):
     _plan(nnYNetPlanner)
     path = next((fingerprinted / "nnUNet_preprocessed").glob("Dataset*")) / "nnYNetPlans.json"
-    plans = json.loads(path.read_text())
+    plans = json.loads(path.read_text(encoding="utf-8"))
     assert set(PlansManager(plans).available_configurations) == {"3d_fullres", TINY_CONFIGURATION}

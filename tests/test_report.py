@@ -65,7 +65,7 @@ def qc(tmp_path_factory) -> dict[str, Path]:
             prediction = np.roll(truth, 3, axis=2)
         _write_like(source, truth, gt / f"{case}.nii.gz")
         _write_like(source, prediction, pred / f"{case}.nii.gz")
-    (pred / "plans.json").write_text("{}")  # nnU-Net's companions of the predictions must be ignored
+    (pred / "plans.json").write_text("{}", encoding="utf-8")  # nnU-Net's companions of the predictions must be ignored
     results = root / "results" / "nnysegTrainer__nnysegBaselinePlans__3d_fullres_tiny"
     for fold in (0, 1):
         (results / f"fold_{fold}").mkdir(parents=True)
@@ -94,7 +94,7 @@ def _ids_in_page_order(page: str) -> list[str]:
 
 
 def test_report_lists_every_case_worst_first(qc, report):
-    page = report.read_text()
+    page = report.read_text(encoding="utf-8")
     assert report == qc["root"] / "report" / "index.html"
     result = evaluate_folders(qc["gt"], qc["pred"], progress=False)
     assert _ids_in_page_order(page) == EXPECTED_ORDER
@@ -106,7 +106,7 @@ def test_report_lists_every_case_worst_first(qc, report):
 
 
 def test_report_is_self_contained(report):
-    page = report.read_text()
+    page = report.read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == 3 + 2  # three overlays, two training curves
     references = re.findall(r'(?:src|href)="([^"]*)"', page)
     assert references and not [r for r in references if r.startswith(("http://", "https://", "//"))]
@@ -115,7 +115,7 @@ def test_report_is_self_contained(report):
 
 
 def test_report_summary_matches_evaluate_folders(qc, report):
-    page = report.read_text()
+    page = report.read_text(encoding="utf-8")
     result = evaluate_folders(qc["gt"], qc["pred"], progress=False)
     for region in ("liver", "tumour"):
         dice = result["mean"][region]["dice"]
@@ -125,12 +125,12 @@ def test_report_summary_matches_evaluate_folders(qc, report):
     row = "".join(f"<td>{lesions[k]}</td>" for k in ("tp", "fp", "fn"))
     row += "".join(f"<td>{lesions[k]:.3f}</td>" for k in ("precision", "recall", "f1"))
     assert f"<tr><td>tumour lesions</td>{row}</tr>" in page
-    assert json.loads((report.parent / "metrics.json").read_text())["per_case"] == result["per_case"]
+    assert json.loads((report.parent / "metrics.json").read_text(encoding="utf-8"))["per_case"] == result["per_case"]
 
 
 def test_report_writes_overlays_and_training_curves(qc, report):
     folder = report.parent
-    page = report.read_text()
+    page = report.read_text(encoding="utf-8")
     for case in EXPECTED_ORDER:
         assert (folder / "images" / f"{case}.png").read_bytes().startswith(PNG_SIGNATURE)
         assert f'href="images/{case}.png"' in page
@@ -145,10 +145,10 @@ def test_report_reuses_a_metrics_file(qc, report, tmp_path):
     reused = write_report(
         qc["images"], qc["gt"], qc["pred"], tmp_path / "again", metrics=report.parent / "metrics.json", progress=False
     )
-    assert _ids_in_page_order(reused.read_text()) == EXPECTED_ORDER
-    partial = json.loads((report.parent / "metrics.json").read_text())
+    assert _ids_in_page_order(reused.read_text(encoding="utf-8")) == EXPECTED_ORDER
+    partial = json.loads((report.parent / "metrics.json").read_text(encoding="utf-8"))
     del partial["per_case"]["case_0003"]
-    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    (tmp_path / "partial.json").write_text(json.dumps(partial), encoding="utf-8")
     with pytest.raises(ValueError, match=r"no metrics for predicted case\(s\) \['case_0003'\]"):
         write_report(qc["images"], qc["gt"], qc["pred"], tmp_path / "x", metrics=tmp_path / "partial.json")
 
@@ -176,7 +176,7 @@ def test_report_refuses_bad_input(qc, tmp_path):
 def test_report_overwrite(qc, tmp_path):
     output = tmp_path / "report"
     output.mkdir()
-    (output / "old.txt").write_text("earlier report")
+    (output / "old.txt").write_text("earlier report", encoding="utf-8")
     with pytest.raises(FileExistsError, match="already exists"):
         write_report(qc["images"], qc["gt"], qc["pred"], output, progress=False)
     assert (output / "old.txt").exists()
@@ -203,7 +203,7 @@ def test_cli_report(qc, tmp_path):
     def nnyseg(*args):
         exe = shutil.which("nnyseg")
         cmd = [exe, *args] if exe else [sys.executable, "-m", "nnyseg.cli", *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        return subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", timeout=120)
 
     folders = ["--images", str(qc["images"]), "--gt", str(qc["gt"]), "--pred", str(qc["pred"])]
     done = nnyseg("report", *folders, str(tmp_path / "cli"))

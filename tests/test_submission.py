@@ -37,7 +37,7 @@ def lits_test(tmp_path) -> tuple[Path, Path, dict[int, np.ndarray]]:
         sitk.WriteImage(label, str(predictions / f"lits_test_{n:03d}.nii.gz"))
         labels[n] = sitk.GetArrayFromImage(label)
     for name in ("dataset.json", "plans.json", "predict_from_raw_data_args.json"):  # what nnU-Net leaves beside
-        (predictions / name).write_text("{}\n")
+        (predictions / name).write_text("{}\n", encoding="utf-8")
     return volumes, predictions, labels
 
 

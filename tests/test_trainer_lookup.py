@@ -32,7 +32,12 @@ def _clean_env(tmp_path) -> dict[str, str]:
 
 def test_fresh_process_finds_every_trainer(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", LOOKUP], env=_clean_env(tmp_path), capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", LOOKUP],
+        env=_clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for name in nnyseg.trainers.__all__:
@@ -41,7 +46,9 @@ def test_fresh_process_finds_every_trainer(tmp_path):
 
 def test_switching_the_hook_off_makes_lookup_fail(tmp_path):
     env = _clean_env(tmp_path) | {"NNYSEG_NO_AUTO_EXT_TRAINER": "1"}
-    result = subprocess.run([sys.executable, "-c", LOOKUP], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", LOOKUP], env=env, capture_output=True, text=True, encoding="utf-8", timeout=300
+    )
     assert result.returncode != 0
     assert "Could not find requested nnunet trainer" in result.stderr
 

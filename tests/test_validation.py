@@ -47,10 +47,10 @@ def test_malformed_dataset_json(nnunet_env):
 
 def test_dataset_json_missing_keys_and_regions(nnunet_env):
     folder = make_raw_dataset(nnunet_env["nnUNet_raw"])
-    data = json.loads((folder / "dataset.json").read_text())
+    data = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     del data["file_ending"]
     del data["regions_class_order"]
-    (folder / "dataset.json").write_text(json.dumps(data))
+    (folder / "dataset.json").write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(DatasetError) as info:
         validate_raw_dataset(990, progress=False)
     message = str(info.value)

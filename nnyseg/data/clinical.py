@@ -171,7 +171,7 @@ def dataset_case_ids(raw_dataset_folder: str | Path) -> tuple[list[str], list[st
     dataset_json_path = folder / "dataset.json"
     if not dataset_json_path.is_file():
         raise FileNotFoundError(f"{dataset_json_path}: no dataset.json in the raw dataset folder")
-    dataset_json = json.loads(dataset_json_path.read_text())
+    dataset_json = json.loads(dataset_json_path.read_text(encoding="utf-8"))
     ending = dataset_json.get("file_ending", ".nii.gz")
     if "dataset" in dataset_json:
         training = sorted(str(k) for k in dataset_json["dataset"])
@@ -281,7 +281,7 @@ def _load_json(path: Path, problems: list[str]) -> Any:
         return seen
 
     try:
-        return json.loads(path.read_text(), object_pairs_hook=no_duplicates)
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=no_duplicates)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ClinicalTableError(path, [f"not valid JSON: {err}"]) from err
 
@@ -341,7 +341,7 @@ def _read_csv_table(path: Path) -> tuple[list[dict[str, Any]], dict[str, tuple[C
     problems: list[str] = []
     rows: dict[str, tuple[Cell, ...]] = {}
     try:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a byte-order mark from Excel is not data
             reader = csv.reader(handle)
             header = [h.strip() for h in next(reader, [])]
             if not header or header[0] != "case_id":
@@ -529,13 +529,13 @@ class ClinicalNormalisation:
 
     def save(self, path: str | Path) -> None:
         """Writes :meth:`to_dict` as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> ClinicalNormalisation:
         """Reads a file written by :meth:`save`."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
         except (json.JSONDecodeError, ValueError) as err:
             raise ValueError(f"{path}: {err}") from err
 

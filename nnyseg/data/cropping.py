@@ -312,8 +312,8 @@ def body_crop_dataset(
                 }
         new_json = dict(dataset_json, name=target.name)
         new_json["description"] = f"{source.name} cropped to the body mask (nnyseg body-crop; see crops.json)"
-        (tmp / "dataset.json").write_text(json.dumps(new_json, indent=2) + "\n")
-        (tmp / "crops.json").write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "dataset.json").write_text(json.dumps(new_json, indent=2) + "\n", encoding="utf-8")
+        (tmp / "crops.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return target
 
 

@@ -1158,12 +1158,12 @@ def write_nnunet_dataset(
             "coordinates": "LPS (SimpleITK); NIfTI files hold the equivalent RAS affine",
             "cases": cases,
         }
-        (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n")
-        (tmp / "phantom.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+        (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n", encoding="utf-8")
+        (tmp / "phantom.json").write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
         if diagnosis:
             schema = [{"name": "diagnosis", "type": "categorical", "categories": ["benign", "malignant"]}]
             clinical = {"schema": schema, "cases": diagnoses}
-            (tmp / "clinical.json").write_text(json.dumps(clinical, indent=2) + "\n")
+            (tmp / "clinical.json").write_text(json.dumps(clinical, indent=2) + "\n", encoding="utf-8")
 
         if target.exists():  # overwrite: swap only now that the new dataset is complete
             old = raw_root / f".{folder_name}.old-{os.getpid()}"

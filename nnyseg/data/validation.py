@@ -74,7 +74,7 @@ def load_dataset_json(folder: Path) -> dict:
     if not path.is_file():
         raise DatasetError(path, ["dataset.json is missing"])
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DatasetError(path, [f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"]) from e
     if not isinstance(data, dict):

@@ -412,7 +412,7 @@ def write_outputs(result: dict, output_dir: str | Path) -> list[Path]:
     output_dir = Path(output_dir)
     json_path = write_json_atomic(output_dir / "metrics.json", result)
     csv_path = output_dir / "per_case.csv"
-    with atomic_file(csv_path) as tmp, tmp.open("w", newline="") as f:
+    with atomic_file(csv_path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(_csv_columns())
         for case in result["cases"]:
@@ -422,7 +422,7 @@ def write_outputs(result: dict, output_dir: str | Path) -> list[Path]:
             writer.writerow([case, *("" if value is None else value for value in row)])
     md_path = output_dir / "summary.md"
     with atomic_file(md_path) as tmp:
-        tmp.write_text(_markdown_summary(result))
+        tmp.write_text(_markdown_summary(result), encoding="utf-8")
     return [json_path, csv_path, md_path]
 
 

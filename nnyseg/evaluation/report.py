@@ -165,7 +165,7 @@ def load_metrics(
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics}: no such metrics file (--metrics)")
     try:
-        result = json.loads(metrics.read_text())
+        result = json.loads(metrics.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{metrics}: not valid JSON ({e.msg} at line {e.lineno})") from e
     if not isinstance(result, dict) or not isinstance(result.get("per_case"), dict):

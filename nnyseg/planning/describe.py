@@ -96,10 +96,10 @@ def write_all(folder: Path) -> list[Path]:
     """Write the index and one Markdown file per planner into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / "README.md"]
-    paths[0].write_text(index())
+    paths[0].write_text(index(), encoding="utf-8")
     for planner in PLANNERS.values():
         path = folder / f"{planner.default_plans_name}.md"
-        path.write_text(describe(planner))
+        path.write_text(describe(planner), encoding="utf-8")
         paths.append(path)
     return paths
 
