@@ -13,6 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "totalsegmentator_examples"
 
 
+#: A training schedule of seconds for tests that run nnU-Net's real training loop: 1 epoch x 2 iterations.
+QUICK_TRAINER_SETTINGS = {
+    "num_epochs": 1,
+    "num_iterations_per_epoch": 2,
+    "num_val_iterations_per_epoch": 1,
+    "save_every": 1,
+}
+
+
 def write_image(path: Path, array: np.ndarray, spacing=(1.5, 1.5, 3.0), origin=(0.0, 0.0, 0.0), direction=None):
     """Write a (z, y, x) array as NIfTI with the given (x, y, z) geometry."""
     image = sitk.GetImageFromArray(array)
@@ -111,12 +120,7 @@ def plan_micro_phantom(
     if quick_configuration is not None:
         plans["configurations"][quick_configuration] = {
             "inherits_from": TINY_CONFIGURATION,
-            PLANS_SETTINGS_KEY: {
-                "num_epochs": 1,
-                "num_iterations_per_epoch": 2,
-                "num_val_iterations_per_epoch": 1,
-                "save_every": 1,
-            },
+            PLANS_SETTINGS_KEY: dict(QUICK_TRAINER_SETTINGS),
         }
         plans_file.write_text(json.dumps(plans, indent=1), encoding="utf-8")
     return raw, preprocessed, plans

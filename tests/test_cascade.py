@@ -20,7 +20,7 @@ from nnyseg import cascade
 from nnyseg.cli import main as cli_main
 from nnyseg.data.cropping import Box, box_in_reference, largest_component, paste_array
 from nnyseg.data.phantom import write_nnunet_dataset
-from tests.conftest import tree_digest
+from tests.conftest import QUICK_TRAINER_SETTINGS, tree_digest
 
 SOURCE_ID, STAGE1_ID, STAGE2_ID = 970, 971, 972
 
@@ -253,15 +253,8 @@ def _plan(dataset_id: int) -> None:
     preprocess_dataset(dataset_id, PLANS, ("3d_fullres",), (1,), show_progress_bar=False)
     plans_file = Path(os.environ["nnUNet_preprocessed"], planner.dataset_name, f"{PLANS}.json")
     plans = json.loads(plans_file.read_text(encoding="utf-8"))
-    plans["configurations"][QUICK] = {
-        "inherits_from": TINY_CONFIGURATION,
-        PLANS_SETTINGS_KEY: {
-            "num_epochs": 1,
-            "num_iterations_per_epoch": 2,
-            "num_val_iterations_per_epoch": 1,
-            "save_every": 1,
-        },
-    }
+    quick = {"inherits_from": TINY_CONFIGURATION, PLANS_SETTINGS_KEY: dict(QUICK_TRAINER_SETTINGS)}
+    plans["configurations"][QUICK] = quick
     plans_file.write_text(json.dumps(plans, indent=1), encoding="utf-8")
 
 

@@ -26,12 +26,12 @@ from nnyseg.trainers.nnynet import (
     add_clinical_configuration,
     nnYNetTrainer,
 )
-from tests.conftest import plan_micro_phantom
+from tests.conftest import QUICK_TRAINER_SETTINGS, plan_micro_phantom
 
 DATASET_ID = 994
 PLANS = "nnYNetPlans"
 LATENT_RUN, CLINICAL, CLINICAL_RUN = "3d_fullres_tiny_run", "3d_fullres_tiny_clinical", "3d_fullres_tiny_clinical_run"
-SHORT = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "save_every": 1}
+SHORT = QUICK_TRAINER_SETTINGS
 SCHEMA = [
     {"name": "age", "type": "numeric"},
     {"name": "diagnosis", "type": "categorical", "categories": ["HCC", "metastasis"]},
