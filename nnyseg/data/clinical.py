@@ -64,7 +64,7 @@ import csv
 import json
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,7 @@ import numpy as np
 import torch
 from nnunetv2.utilities.utils import get_identifiers_from_splitted_dataset_folder
 
+from nnyseg.data.validation import ProblemListError
 from nnyseg.network_architecture.building_blocks.cross_attention import parse_clinical_schema
 
 __all__ = [
@@ -100,15 +101,14 @@ NORMALISATION_VERSION = 1
 Cell = float | int | None
 
 
-class ClinicalTableError(ValueError):
+class ClinicalTableError(ProblemListError):
     """A clinical table that cannot be used; the message names the file and every problem found."""
 
-    def __init__(self, path: str | Path, problems: Iterable[str]):
-        self.path = str(path)
-        self.problems = list(problems)
-        shown = self.problems[:20]
-        more = f"\n  ... and {len(self.problems) - len(shown)} more" if len(self.problems) > len(shown) else ""
-        super().__init__(f"{self.path}: {len(self.problems)} problem(s):\n  - " + "\n  - ".join(shown) + more)
+    max_shown = 20
+
+    @property
+    def path(self) -> str:
+        return self.where
 
 
 def normalise_schema(schema: Any) -> list[dict[str, Any]]:

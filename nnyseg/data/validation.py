@@ -22,15 +22,25 @@ _ATOL = 1e-4
 _RTOL = 1e-5
 
 
-class DatasetError(ValueError):
+class ProblemListError(ValueError):
+    """Bad input with every problem found, not just the first: ``"<where>: N problem(s):"`` and one line each."""
+
+    max_shown = 25
+
+    def __init__(self, where: str | Path, problems: Iterable[str]):
+        self.where = str(where)
+        self.problems = list(problems)
+        shown = self.problems[: self.max_shown]
+        more = f"\n  ... and {len(self.problems) - len(shown)} more" if len(self.problems) > len(shown) else ""
+        super().__init__(f"{self.where}: {len(self.problems)} problem(s):\n  - " + "\n  - ".join(shown) + more)
+
+
+class DatasetError(ProblemListError):
     """A raw dataset (or a file in it) that nnU-Net cannot use; the message lists every problem found."""
 
-    def __init__(self, dataset: str | Path, problems: Iterable[str]):
-        self.dataset = str(dataset)
-        self.problems = list(problems)
-        shown = self.problems[:25]
-        more = f"\n  ... and {len(self.problems) - len(shown)} more" if len(self.problems) > len(shown) else ""
-        super().__init__(f"{self.dataset}: {len(self.problems)} problem(s):\n  - " + "\n  - ".join(shown) + more)
+    @property
+    def dataset(self) -> str:
+        return self.where
 
 
 def nnunet_raw_folder() -> Path:
