@@ -6,13 +6,18 @@ tells them apart. The tiny nnY-Net is trained twice with the same seed, data, sc
 ``clinical`` cross-attention mode (queries from ``diagnosis`` plus the latent tokens) and once in ``latent`` mode
 (latent tokens only). Both predict the held-out test cases with the stock commands (``nnyseg predict --clinical`` for
 the clinical model), and ``nnyseg.evaluation.metrics`` scores them. The latent model cannot know which lesions are
-tumour, so it must either miss the malignant ones or mark the benign ones; the clinical model can do neither.
+tumour, so it must either miss the malignant ones or mark the benign ones; the clinical model need do neither.
+As a causal check the clinical model also predicts the test cases with every diagnosis flipped: if it uses the field,
+its tumour Dice collapses.
+
+Many training cases (64 by default) cost no training time (the budget is iterations) and make it harder for the
+network to tell the training cases' diagnoses apart by memorising their images instead of reading the field. Fold 0 trains on all of them and validates on four (fold ``all`` would re-predict every one at the end).
 
 Reported (appended to benchmarks/RESULTS.md): global tumour Dice over all test cases, over the malignant ones,
 the tumour voxels predicted in benign cases (all false positives), and global liver Dice.
 
-    python benchmarks/ybranch.py                      # the reported run (about 20 min on 2 CPU cores)
-    python benchmarks/ybranch.py --epochs 1 --iterations 4 --no-write   # smoke run
+    python benchmarks/ybranch.py                      # the reported run (about 25 min on 2 CPU cores)
+    python benchmarks/ybranch.py --num-training 8 --num-test 4 --epochs 1 --iterations 4 --no-write   # smoke run
 """
 
 from __future__ import annotations
@@ -33,8 +38,17 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 DATASET_ID, DATASET_NAME, PLANS = 502, "YBranchPhantom", "nnYNetPlans"
+VALIDATION_CASES = 4
 MIN_TUMOURS = 3  # lesions per case: enough tumour voxels for a stable global Dice on a dozen test cases
 MODES = ("clinical", "latent")
+FLIPPED = "clinical, every diagnosis flipped"
+
+
+def flip_diagnoses(table: dict) -> dict:
+    """The clinical table with ``benign`` and ``malignant`` swapped in every case."""
+    swap = {"benign": "malignant", "malignant": "benign"}
+    cases = {case: {**fields, "diagnosis": swap[fields["diagnosis"]]} for case, fields in table["cases"].items()}
+    return {**table, "cases": cases}
 
 
 def run(cmd: list[str], env: dict[str, str], log: Path) -> None:
@@ -80,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="/tmp/nnyseg_ybranch", help="scratch folder (replaced)")
     parser.add_argument("--preset", default="tiny", help="phantom grid preset (default: %(default)s)")
-    parser.add_argument("--num-training", type=int, default=16)
+    parser.add_argument("--num-training", type=int, default=64, help="training cases (cost no training time)")
     parser.add_argument("--num-test", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=40, help="training iterations per epoch")
@@ -122,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         progress=False,
     )
     table = load_clinical_table(raw)
-    cases = json.loads((raw / "clinical.json").read_text(encoding="utf-8"))["cases"]
+    cases_with_schema = json.loads((raw / "clinical.json").read_text(encoding="utf-8"))
+    cases = cases_with_schema["cases"]
     diagnoses = {case: fields["diagnosis"] for case, fields in cases.items()}
     plan_env = {**env, "nnUNet_n_proc_DA": "2"}  # nnU-Net's planner sets torch's threads from it: must be > 0
     run([script("nnyseg"), "plan_and_preprocess", "-d", str(DATASET_ID), "-pl", "nnYNetPlanner", "-c", "3d_fullres",
@@ -144,22 +159,38 @@ def main(argv: list[str] | None = None) -> int:
     plans["configurations"]["ybranch_clinical"] = {"inherits_from": architecture, PLANS_SETTINGS_KEY: settings}
     plans_file.write_text(json.dumps(plans, indent=1), encoding="utf-8")
 
+    # One split: train on every training case; validate (nnU-Net's per-epoch pseudo Dice and its final validation)
+    # on a few of them only, since fold "all" would re-predict every training case at the end of each run.
+    train_ids = sorted(f.name[: -len(".nii.gz")] for f in (raw / "labelsTr").glob("*.nii.gz"))
+    splits = [{"train": train_ids, "val": train_ids[:VALIDATION_CASES]}]
+    (plans_file.parent / "splits_final.json").write_text(json.dumps(splits, indent=1), encoding="utf-8")
+
     scores, seconds = {}, {}
     for mode in MODES:
         t0 = time.time()
         config = configurations[mode]
-        run([script("nnUNetv2_train"), str(DATASET_ID), config, "all", "-tr", "nnYNetTrainer", "-p", PLANS,
+        run([script("nnUNetv2_train"), str(DATASET_ID), config, "0", "-tr", "nnYNetTrainer", "-p", PLANS,
              "-device", "cpu"], env, log)  # fmt: skip
         out = work / f"pred_{mode}"
-        common = ["-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c", config, "-f", "all",
+        common = ["-i", str(raw / "imagesTs"), "-d", str(DATASET_ID), "-c", config, "-f", "0",
                   "-tr", "nnYNetTrainer", "-p", PLANS, "-device", "cpu", "-npp", "0", "-nps", "0"]  # fmt: skip
         if mode == "clinical":
-            run([script("nnyseg"), "predict", *common, "--clinical", str(raw / "clinical.json")], env, log)
+            table_file = raw / "clinical.json"
+            run([script("nnyseg"), "predict", "-o", str(out), *common, "--clinical", str(table_file)], env, log)
         else:
-            run([script("nnUNetv2_predict"), *common], env, log)
+            run([script("nnUNetv2_predict"), "-o", str(out), *common], env, log)
         scores[mode] = tumour_scores(raw / "labelsTs", out, diagnoses)
         seconds[mode] = time.time() - t0
         print(f"{mode}: {scores[mode]} ({seconds[mode]:.0f} s)", flush=True)
+        if mode == "clinical":
+            # The causal check: the same trained model, told the opposite diagnosis for every test case, should
+            # mark the benign cases' lesions and miss the malignant ones.
+            flipped_table = work / "clinical_flipped.json"
+            flipped_table.write_text(json.dumps(flip_diagnoses(cases_with_schema)), encoding="utf-8")
+            out = work / "pred_clinical_flipped"
+            run([script("nnyseg"), "predict", "-o", str(out), *common, "--clinical", str(flipped_table)], env, log)
+            scores[FLIPPED] = tumour_scores(raw / "labelsTs", out, diagnoses)
+            print(f"{FLIPPED}: {scores[FLIPPED]}", flush=True)
 
     margin = scores["clinical"]["tumour_global_dice"] - scores["latent"]["tumour_global_dice"]
     command = "python benchmarks/ybranch.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
@@ -175,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         "```",
         "",
         f"Phantom clinical variant (`nnyseg phantom --diagnosis`), preset `{args.preset}`, seed {args.seed}: "
-        f"{args.num_training} training cases (fold `all`), {len(test_ids)} held-out test cases ({n_malignant} "
+        f"{args.num_training} training cases (all in fold 0's training set, {VALIDATION_CASES} of them also its "
+        f"validation set), {len(test_ids)} held-out test cases ({n_malignant} "
         f"malignant, {len(test_ids) - n_malignant} benign), at least {MIN_TUMOURS} lesions per case. Tiny nnY-Net "
         f"(`3d_fullres_tiny`), `nnYNetTrainer` (AdamW, DiceFocalCE, poly), lr {args.lr:g}, {args.epochs} epochs x "
         f"{args.iterations} iterations, trainer seed {args.seed}, CPU. Both runs differ only in the cross-attention "
@@ -185,11 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         "| tumour voxels predicted in benign cases | liver global Dice | train + predict (min) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for mode in MODES:
+    for mode in (*MODES, FLIPPED):
         s = scores[mode]
+        minutes = f"{seconds[mode] / 60:.1f}" if mode in seconds else "(same model)"
         lines.append(
             f"| {mode} | {s['tumour_global_dice']:.3f} | {s['tumour_global_dice_malignant']:.3f} | "
-            f"{s['tumour_voxels_in_benign_cases']} | {s['liver_global_dice']:.3f} | {seconds[mode] / 60:.1f} |"
+            f"{s['tumour_voxels_in_benign_cases']} | {s['liver_global_dice']:.3f} | {minutes} |"
         )
     lines += ["", f"Margin (clinical - latent, tumour global Dice over all test cases): **{margin:+.3f}**.", ""]
     text = "\n".join(lines)

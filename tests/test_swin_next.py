@@ -44,8 +44,13 @@ def clinical(values: list[list[float]], missing: list[list[bool]] | None = None)
 
 def randomise_film(net: SwinNeXtUNet) -> None:
     with torch.no_grad():
-        net.cross_attention.film.weight.normal_(0.0, 0.5)
-        net.cross_attention.film.bias.normal_(0.0, 0.1)
+        for film in (net.cross_attention.film, *net.cross_attention.level_films):
+            film.weight.normal_(0.0, 0.5)
+            film.bias.normal_(0.0, 0.1)
+
+
+def film_layers(net: SwinNeXtUNet) -> list[ZeroInitLinear]:
+    return [net.cross_attention.film, *net.cross_attention.level_films]
 
 
 @pytest.mark.parametrize("patch", [(32, 32, 32), (32, 64, 64), (64, 32, 32)])
@@ -71,7 +76,7 @@ def test_every_parameter_gets_a_finite_gradient_in_clinical_mode() -> None:
     for name, param in net.named_parameters():
         assert param.grad is not None, name
         assert torch.isfinite(param.grad).all(), name
-    assert net.cross_attention.film.weight.grad.abs().sum() > 0
+    assert all(film.weight.grad.abs().sum() > 0 for film in film_layers(net))  # zero-init, yet trainable
 
 
 def test_clinical_mode_equals_off_mode_at_initialisation() -> None:
@@ -80,10 +85,11 @@ def test_clinical_mode_equals_off_mode_at_initialisation() -> None:
     result = net_off.load_state_dict(net_clinical.state_dict(), strict=False)
     assert not result.missing_keys
     assert result.unexpected_keys and all(k.startswith("cross_attention.") for k in result.unexpected_keys)
-    assert isinstance(net_clinical.cross_attention.film, ZeroInitLinear)
-    assert not net_clinical.cross_attention.film.weight.any()  # initialize() kept the FiLM layer at zero
+    films = film_layers(net_clinical)
+    assert len(films) == 6  # the bottleneck and the five decoder levels
+    assert all(isinstance(f, ZeroInitLinear) and not f.weight.any() and not f.bias.any() for f in films)
     net_clinical.apply(net_clinical.initialize)  # applying it again must not break the identity either
-    assert not net_clinical.cross_attention.film.weight.any()
+    assert not any(f.weight.any() for f in films)
     net_off.load_state_dict(net_clinical.state_dict(), strict=False)
     x = torch.randn(1, 1, 32, 32, 64)
     with torch.no_grad():
@@ -104,6 +110,34 @@ def test_clinical_values_change_the_output_once_film_is_trained() -> None:
         missing = net(x, clinical([[0.0, 0.0]], [[True, False]]))[0]
     for other in (numeric, category, missing):
         assert not torch.allclose(base, other)
+
+
+def test_film_of_the_finest_level_shifts_the_logits_through_its_head() -> None:
+    # The reason the branch also modulates the decoder levels: their FiLM reaches the segmentation head with no
+    # normalisation in between, so beta on the last level moves the logits by exactly head_weight @ beta.
+    net = tiny_net(cross_attention="clinical", clinical_schema=SCHEMA, deep_supervision=False).eval()
+    finest = net.cross_attention.level_films[-1]
+    channels = finest.out_features // 2
+    beta = torch.linspace(-1.0, 1.0, channels)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        before = net(x, clinical([[0.5, 1.0]]))
+        finest.bias[channels:] = beta
+        after = net(x, clinical([[0.5, 1.0]]))
+    head = net.decoder.seg_layers[-1].weight.view(2, channels)
+    expected_shift = (head @ beta).view(1, 2, 1, 1, 1).expand_as(before)
+    torch.testing.assert_close(after - before, expected_shift, atol=1e-5, rtol=1e-4)
+
+
+def test_film_levels_bottleneck_is_the_specs_routing() -> None:
+    net = tiny_net(cross_attention="clinical", clinical_schema=SCHEMA, ca_film_levels="bottleneck").eval()
+    assert len(net.cross_attention.level_films) == 0
+    assert not any(".level_films." in key for key in net.state_dict())
+    randomise_film(net)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        benign, malignant = net(x, clinical([[0.0, 0.0]]))[0], net(x, clinical([[0.0, 1.0]]))[0]
+    assert not torch.allclose(benign, malignant)
 
 
 def test_latent_mode_runs_without_clinical_input() -> None:
@@ -156,6 +190,7 @@ def test_bad_input_dims_and_channels() -> None:
         ({"ca_heads": 5}, "cross-attention heads"),
         ({"cross_attention": "clinical"}, "non-empty clinical_schema"),
         ({"cross_attention": "yes"}, "must be one of"),
+        ({"ca_film_levels": "decoder"}, "ca_film_levels must be one of"),
         ({"decoder_expansion": (2, 2)}, "decoder_expansion"),
     ],
 )

@@ -6,8 +6,9 @@ arXiv:2501.01406 (2025). Only the abstract of the paper is readable; the archite
 
 * encoder: the SwinUNETR encoder (Hatamizadeh et al. 2022): stride-2 patch embedding and four Swin stages with patch
   merging, hidden states F@/2 ... 16F@/32, plus residual conv blocks on the skip paths and on the bottleneck;
-* "Y" branch: cross-attention from clinical-field tokens and latent tokens to the bottleneck voxels, applied as a
-  zero-initialised FiLM modulation of the bottleneck;
+* "Y" branch: cross-attention from clinical-field tokens and latent tokens to the bottleneck voxels, applied as
+  zero-initialised FiLM modulations of the bottleneck and (by default; the spec says the bottleneck only, see
+  ``ca_film_levels``) of every decoder level's output;
 * decoder: MedNeXt blocks (Roy et al. 2023) with transposed-depthwise up-sampling and additive skips, one 1x1x1
   segmentation head per level (deep supervision at 1, 1/2, 1/4, 1/8, 1/16).
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from nnyseg.network_architecture.building_blocks.cross_attention import (
     CROSS_ATTENTION_MODES,
     BottleneckCrossAttention,
     ZeroInitLinear,
+    apply_film,
 )
 from nnyseg.network_architecture.building_blocks.decoding import decode_with_deep_supervision
 from nnyseg.network_architecture.building_blocks.init import init_transformer_unet_weights
@@ -43,6 +45,8 @@ __all__ = ["MedNeXtDecoder", "SwinNeXtEncoder", "SwinNeXtUNet"]
 FIXED_STRIDES: tuple[tuple[int, int, int], ...] = ((1, 1, 1),) + 5 * ((2, 2, 2),)
 #: Every spatial axis of the input must be divisible by this (2 ** 5).
 SIZE_DIVISOR = 32
+#: Where the cross-attention branch's FiLM output goes (``ca_film_levels``).
+FILM_LEVELS = ("all", "bottleneck")
 
 ClinicalInput = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -215,16 +219,26 @@ class MedNeXtDecoder(nn.Module):
             )
             self.seg_layers.append(nn.Conv3d(c_out, num_classes, 1))
 
-    def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        """Decodes ``skips`` (highest resolution first, the bottleneck last)."""
+    def forward(
+        self,
+        skips: Sequence[torch.Tensor],
+        modulate: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Decodes ``skips`` (highest resolution first, the bottleneck last).
+
+        Args:
+            skips: Encoder outputs.
+            modulate: Optional ``modulate(s, x)`` applied to the output of level ``s`` (deepest first) before its head
+                and the next level see it (nnY-Net's FiLM conditioning).
+        """
         if len(skips) != len(self.stages) + 1:
             raise ValueError(f"expected {len(self.stages) + 1} skip maps, got {len(skips)}")
-        return decode_with_deep_supervision(
-            skips,
-            self.seg_layers,
-            self.deep_supervision,
-            lambda s, x, skip: self.stages[s](x, skip, self.use_checkpoint),
-        )
+
+        def run_stage(s: int, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+            x = self.stages[s](x, skip, self.use_checkpoint)
+            return x if modulate is None else modulate(s, x)
+
+        return decode_with_deep_supervision(skips, self.seg_layers, self.deep_supervision, run_stage)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Element count for one sample; ``input_size`` is the network's input (patch) size."""
@@ -261,6 +275,10 @@ class SwinNeXtUNet(nn.Module):
         clinical_schema: Clinical field descriptions, required for ``"clinical"``.
         n_latent_tokens: Learned latent query tokens.
         ca_heads: Cross-attention heads; must divide 16F.
+        ca_film_levels: Where the branch's output goes: ``"all"`` (default) the bottleneck and the output of every
+            decoder level, each through its own zero-initialised FiLM layer; ``"bottleneck"`` the bottleneck only, as
+            spec section 2.4 proposes. The default departs from the spec because the MedNeXt decoder's per-channel
+            normalisation cancels a bottleneck-only FiLM (see :class:`BottleneckCrossAttention`).
         use_checkpoint: Gradient checkpointing for every Swin, conv and MedNeXt block.
     """
 
@@ -284,6 +302,7 @@ class SwinNeXtUNet(nn.Module):
         clinical_schema: Sequence[Mapping[str, Any]] | None = None,
         n_latent_tokens: int = 4,
         ca_heads: int = 12,
+        ca_film_levels: str = "all",
         use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
@@ -312,6 +331,8 @@ class SwinNeXtUNet(nn.Module):
                 )
         if cross_attention not in CROSS_ATTENTION_MODES:
             raise ValueError(f"cross_attention must be one of {CROSS_ATTENTION_MODES}, got {cross_attention!r}")
+        if ca_film_levels not in FILM_LEVELS:
+            raise ValueError(f"ca_film_levels must be one of {FILM_LEVELS}, got {ca_film_levels!r}")
 
         self.input_channels = input_channels
         self.num_classes = num_classes
@@ -332,6 +353,8 @@ class SwinNeXtUNet(nn.Module):
             clinical_schema=clinical_schema,
             n_latent=n_latent_tokens,
             num_heads=ca_heads,
+            # decoder level s (deepest first) outputs the channels of encoder level -(s + 2)
+            level_channels=self.encoder.output_channels[-2::-1] if ca_film_levels == "all" else (),
         )
         self.decoder = MedNeXtDecoder(
             self.encoder,
@@ -445,8 +468,17 @@ class SwinNeXtUNet(nn.Module):
             )
             self._warned_missing_clinical = True
         skips = self.encoder(x)
-        skips[-1] = self.cross_attention(skips[-1], condition)
-        return self.decoder(skips)
+        if self.cross_attention.mode == "off":
+            return self.decoder(skips)
+        summary = self.cross_attention.summarise(skips[-1], condition)
+        skips[-1] = apply_film(skips[-1], self.cross_attention.film, summary)
+        if not len(self.cross_attention.level_films):
+            return self.decoder(skips)
+
+        def modulate(level: int, level_output: torch.Tensor) -> torch.Tensor:
+            return self.cross_attention.modulate_level(level, level_output, summary)
+
+        return self.decoder(skips, modulate)
 
     # ------------------------------------------------------------------ nnU-Net hooks
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
@@ -462,6 +494,10 @@ class SwinNeXtUNet(nn.Module):
         total = self.encoder.compute_conv_feature_map_size(size)
         total += self.cross_attention.compute_conv_feature_map_size([math.ceil(s / 32) for s in size])
         total += self.decoder.compute_conv_feature_map_size(size)
+        if self.cross_attention.mode != "off":  # each FiLM'd decoder level output is one more map of its size
+            for s, film in enumerate(self.cross_attention.level_films):
+                level_size = [math.ceil(i / 2 ** (len(self.cross_attention.level_films) - 1 - s)) for i in size]
+                total += film.out_features // 2 * math.prod(level_size)
         return int(total)
 
     @staticmethod

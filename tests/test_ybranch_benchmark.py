@@ -1,0 +1,98 @@
+"""The scoring of the Y-branch benchmark (benchmarks/ybranch.py), on the phantom's clinical variant.
+
+The benchmark itself trains two networks (about 20 minutes on 2 cores), so it is not run here; what decides its
+reported numbers (the flipped table and the scores) is.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnyseg.data.phantom import write_nnunet_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_ybranch() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("nnyseg_ybranch", REPO / "benchmarks" / "ybranch.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ybranch = _load_ybranch()
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The clinical variant and the plain phantom with the same seed (same images, benign lesions labelled tumour)."""
+    root = tmp_path_factory.mktemp("ybranch")
+    kwargs = {"num_training": 1, "num_test": 4, "preset": "micro", "seed": 3, "min_tumours": 2, "progress": False}
+    clinical = write_nnunet_dataset(root / "clinical", 990, "YB", diagnosis=True, **kwargs)
+    plain = write_nnunet_dataset(root / "plain", 990, "YB", **kwargs)
+    return clinical, plain
+
+
+def _diagnoses(raw: Path) -> dict[str, str]:
+    cases = json.loads((raw / "clinical.json").read_text(encoding="utf-8"))["cases"]
+    return {case: fields["diagnosis"] for case, fields in cases.items()}
+
+
+def _tumour_voxels(folder: Path, case: str) -> int:
+    return int((sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{case}.nii.gz"))) == 2).sum())
+
+
+def test_flip_diagnoses_swaps_every_case_and_leaves_the_table_alone(datasets: tuple[Path, Path]) -> None:
+    table = json.loads((datasets[0] / "clinical.json").read_text(encoding="utf-8"))
+    original = copy.deepcopy(table)
+    flipped = ybranch.flip_diagnoses(table)
+    assert table == original
+    assert flipped["schema"] == table["schema"]
+    assert set(flipped["cases"]) == set(table["cases"])
+    for case, fields in table["cases"].items():
+        assert {fields["diagnosis"], flipped["cases"][case]["diagnosis"]} == {"benign", "malignant"}
+
+
+def test_perfect_prediction_scores_one_and_no_benign_false_positives(datasets: tuple[Path, Path]) -> None:
+    clinical, _ = datasets
+    scores = ybranch.tumour_scores(clinical / "labelsTs", clinical / "labelsTs", _diagnoses(clinical))
+    assert scores["num_cases"] == 4
+    assert scores["tumour_global_dice"] == pytest.approx(1.0)
+    assert scores["tumour_global_dice_malignant"] == pytest.approx(1.0)
+    assert scores["tumour_voxels_in_benign_cases"] == 0
+
+
+def test_a_model_blind_to_the_diagnosis_is_charged_for_the_benign_lesions(
+    datasets: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # "Predict" the plain phantom's labels: every lesion marked tumour, what a model that cannot see the diagnosis
+    # and finds every lesion does. Malignant cases are then perfect; benign cases hold only false positives.
+    clinical, plain = datasets
+    diagnoses = _diagnoses(clinical)
+    pred = tmp_path / "pred"
+    shutil.copytree(plain / "labelsTs", pred)
+    scores = ybranch.tumour_scores(clinical / "labelsTs", pred, diagnoses)
+
+    benign = [c for c in sorted(diagnoses) if diagnoses[c] == "benign" and (pred / f"{c}.nii.gz").exists()]
+    malignant = [c for c in sorted(diagnoses) if diagnoses[c] == "malignant" and (pred / f"{c}.nii.gz").exists()]
+    assert benign and malignant
+    false_positives = sum(_tumour_voxels(pred, c) for c in benign)
+    true_positives = sum(_tumour_voxels(clinical / "labelsTs", c) for c in malignant)
+    assert false_positives > 0 and true_positives > 0
+    assert scores["tumour_voxels_in_benign_cases"] == false_positives
+    assert scores["tumour_global_dice_malignant"] == pytest.approx(1.0)
+    expected = 2 * true_positives / (2 * true_positives + false_positives)
+    assert scores["tumour_global_dice"] == pytest.approx(expected)
+    assert np.isfinite(scores["liver_global_dice"])
