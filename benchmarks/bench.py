@@ -133,6 +133,9 @@ ABLATION_ARCHS: tuple[ArchSpec, ...] = (
     _ablation("dtn_weighted_sum", "DynTransNetPlanner", "DynTransNet, weighted sum, not FM-M", fusion="weighted_sum"),
     _ablation("dtn_no_rm", "DynTransNetPlanner", "DynTransNet, Residual Module off", residual_module=False),
     _ablation("nnynet_ca_off", "nnYNetPlanner", "nnY-Net, cross-attention off", cross_attention="off"),
+    _ablation(
+        "nnynet_film_bottleneck", "nnYNetPlanner", "nnY-Net, FiLM at the bottleneck only", ca_film_levels="bottleneck"
+    ),
 )
 
 

@@ -11,7 +11,8 @@ As a causal check the clinical model also predicts the test cases with every dia
 its tumour Dice collapses.
 
 Many training cases (64 by default) cost no training time (the budget is iterations) and make it harder for the
-network to tell the training cases' diagnoses apart by memorising their images instead of reading the field. Fold 0 trains on all of them and validates on four (fold ``all`` would re-predict every one at the end).
+network to tell the training cases' diagnoses apart by memorising their images instead of reading the field. Fold 0
+trains on all of them and validates on four (fold ``all`` would re-predict every one at the end).
 
 Reported (appended to benchmarks/RESULTS.md): global tumour Dice over all test cases, over the malignant ones,
 the tumour voxels predicted in benign cases (all false positives), and global liver Dice.

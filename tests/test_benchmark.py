@@ -186,7 +186,8 @@ def test_architecture_selection():
     assert not any(specs[k].arch_kwargs for k in keys)  # ablation rows only on request
     ablations = bench.resolve_archs(["ablations"])
     assert ablations[:3] == ["plain", "DynTransNetPlanner", "dtn_no_dmsa"]
-    assert {"dtn_concat", "dtn_weighted_sum", "dtn_no_rm", "nnynet", "nnynet_ca_off"} <= set(ablations)
+    switched = {"dtn_concat", "dtn_weighted_sum", "dtn_no_rm", "nnynet_ca_off", "nnynet_film_bottleneck"}
+    assert switched | {"nnynet"} <= set(ablations)
     assert bench.resolve_archs(["nnYNetPlanner", "elanres"]) == ["plain", "nnynet", "elanres"]  # plain added first
     with pytest.raises(ValueError, match="unknown architecture"):
         bench.resolve_archs(["nope"])
