@@ -378,7 +378,7 @@ class nnYNetPlanner(nnysegPlannerBase):
     divisor: ClassVar[int] = 32
     changes = (
         "3d_fullres: network SwinNeXtUNet (Swin encoder F=48, depths 2-2-2-2, heads 3-6-12-24, window 7; MedNeXt "
-        "decoder; bottleneck cross-attention in 'latent' mode)",
+        "decoder; bottleneck cross-attention in 'latent' mode, FiLM of the bottleneck and every decoder level)",
         "3d_fullres: isotropic 2x2x2 pooling (strides [[1,1,1]] + 5 x [[2,2,2]]) and every patch axis a multiple "
         "of 32, whatever the spacing; patch and batch size re-derived with the network's own memory estimate",
         "2d dropped (3D-only network); 3d_lowres re-planned the same way when nnU-Net creates it",
@@ -390,7 +390,11 @@ class nnYNetPlanner(nnysegPlannerBase):
     def topology(cls, spacing: list[float], patch_size: list[int], *, tiny: bool = False) -> tuple[list[int], dict]:
         d = cls.divisor
         patch = [max(d, int(p / d + 0.5) * d) for p in patch_size]
-        kwargs: dict[str, Any] = {"strides": [[1, 1, 1]] + [[2, 2, 2]] * 5, "cross_attention": "latent"}
+        kwargs: dict[str, Any] = {
+            "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5,
+            "cross_attention": "latent",
+            "ca_film_levels": "all",
+        }
         if tiny:
             kwargs.update(
                 feature_size=12,
