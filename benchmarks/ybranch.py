@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
     }
     architecture = add_clinical_configuration(plans, table.schema, base_configuration=TINY_CONFIGURATION)
+    tiny_kwargs = plans["configurations"][TINY_CONFIGURATION]["architecture"]["arch_kwargs"]
+    film_levels = tiny_kwargs.get("ca_film_levels", "all")
     configurations = {"latent": "ybranch_latent", "clinical": "ybranch_clinical"}
     plans["configurations"]["ybranch_latent"] = {"inherits_from": TINY_CONFIGURATION, PLANS_SETTINGS_KEY: settings}
     plans["configurations"]["ybranch_clinical"] = {"inherits_from": architecture, PLANS_SETTINGS_KEY: settings}
@@ -210,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.num_training} training cases (all in fold 0's training set, {VALIDATION_CASES} of them also its "
         f"validation set), {len(test_ids)} held-out test cases ({n_malignant} "
         f"malignant, {len(test_ids) - n_malignant} benign), at least {MIN_TUMOURS} lesions per case. Tiny nnY-Net "
-        f"(`3d_fullres_tiny`), `nnYNetTrainer` (AdamW, DiceFocalCE, poly), lr {args.lr:g}, {args.epochs} epochs x "
+        f'(`3d_fullres_tiny`, `ca_film_levels: "{film_levels}"`), '
+        f"`nnYNetTrainer` (AdamW, DiceFocalCE, poly), lr {args.lr:g}, {args.epochs} epochs x "
         f"{args.iterations} iterations, trainer seed {args.seed}, CPU. Both runs differ only in the cross-attention "
         "mode. Total wall time {:.0f} min.".format((time.time() - started) / 60),
         "",
