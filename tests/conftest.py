@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -20,6 +23,16 @@ QUICK_TRAINER_SETTINGS = {
     "num_val_iterations_per_epoch": 1,
     "save_every": 1,
 }
+
+
+def load_benchmark_script(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (the benchmarks folder is not a package) as module ``nnyseg_<name>``."""
+    spec = importlib.util.spec_from_file_location(f"nnyseg_{name}", REPO / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_image(path: Path, array: np.ndarray, spacing=(1.5, 1.5, 3.0), origin=(0.0, 0.0, 0.0), direction=None):

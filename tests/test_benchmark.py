@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 import time
-from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH_PATH = REPO / "benchmarks" / "bench.py"
+from tests.conftest import load_benchmark_script
+
 ARCHS = ["plain", "elanres", "elanres_fused", "nnynet"]
 TINY_ARGS = [
     "--tiny",
@@ -36,16 +33,7 @@ TINY_ARGS = [
 TRAIN, TRAIN_X, INFER, INFER_X, MEM, MEM_X = 4, 5, 6, 7, 8, 9
 
 
-def _load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("nnyseg_bench", BENCH_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_benchmark_script("bench")
 
 
 def _sections(text: str) -> list[str]:

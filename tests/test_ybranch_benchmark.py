@@ -7,32 +7,18 @@ reported numbers (the flipped table and the scores) is.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from nnyseg.data.phantom import write_nnunet_dataset
+from tests.conftest import load_benchmark_script
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_ybranch() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("nnyseg_ybranch", REPO / "benchmarks" / "ybranch.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ybranch = _load_ybranch()
+ybranch = load_benchmark_script("ybranch")
 
 
 @pytest.fixture(scope="module")
