@@ -1,6 +1,7 @@
 """The ELANRes-MSCA paper's two-stage cascade: liver first, then tumour inside a crop around the liver.
 
-architectures.md section 4.4 ("Cascade [P]"):
+The paper states the two stages and the post-processing; the crop margins and the label layout are nnyseg's choice
+(docs/elanres_msca.md, "Cascade"):
 
 * **Stage 1** segments the liver (liver and tumour merged into label 1); its prediction keeps only the largest
   connected component.

@@ -1,10 +1,10 @@
 """Per-case clinical features for nnY-Net's cross-attention ("Y") branch: file format, validation, normalisation.
 
 nnY-Net (arXiv:2501.01406) feeds patient features ("such as pathology and treatment information") to a
-cross-attention module as queries; ``design/architectures.md`` section 2.4 proposes one token per clinical field,
-numeric fields z-scored on the training folds, categorical fields as learned embeddings and learned tokens for missing
-values. This module is the data side: it reads the table, validates it against the dataset, fits the z-score
-statistics on one fold's training cases and turns cases into the ``(values, missing)`` tensors that
+cross-attention module as queries. nnyseg turns each clinical field into one token (numeric fields z-scored on the
+training folds, categorical fields as learned embeddings, learned tokens for missing values; docs/nnynet.md,
+"Clinical features"). This module is the data side: it reads the table, validates it against the dataset, fits the
+z-score statistics on one fold's training cases and turns cases into the ``(values, missing)`` tensors that
 :class:`~nnyseg.network_architecture.building_blocks.cross_attention.ClinicalTokenizer` takes.
 
 File format

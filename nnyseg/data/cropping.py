@@ -12,9 +12,9 @@ Conventions:
   clipped at the image border.
 
 ``nnyseg body-crop`` (:func:`body_crop_dataset`) implements the body-mask crop of the ELANRes-MSCA paper in dataset
-conversion (architectures.md section 4.4): HU > -500, largest connected component, binary closing with a ball of
-radius 3 voxels, hole filling, crop to the bounding box. nnU-Net's own ``crop_to_nonzero`` cannot do this for CT:
-air is about -1024 HU, not 0, so its non-zero mask covers the whole image. ``nnyseg uncrop``
+conversion (docs/elanres_msca.md, "Preprocessing"): HU > -500, largest connected component, binary closing with a
+ball of radius 3 voxels, hole filling, crop to the bounding box. nnU-Net's own ``crop_to_nonzero`` cannot do this for
+CT: air is about -1024 HU, not 0, so its non-zero mask covers the whole image. ``nnyseg uncrop``
 (:func:`uncrop_predictions`) pastes predictions made on the cropped images back onto the original grids.
 """
 

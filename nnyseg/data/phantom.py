@@ -9,10 +9,10 @@ Everything is pure numpy + scipy (SimpleITK only writes files), needs no network
 ``numpy.random.SeedSequence(seed)`` is split into four independent streams (geometry, tumours, texture, noise), so
 e.g. changing the noise level never moves a tumour, and the same seed gives the same patient on every grid preset.
 
-The tissue values, geometry and noise model follow ``design/phantom.md`` section 6, which cites its sources: mean
+The tissue values, geometry and noise model, with their sources, are described in docs/phantom.md; among them: mean
 unenhanced liver 58.8 HU (Boyce et al., AJR 2010), portal-venous hepatic enhancement +56 HU (Naruo et al., Radiat Med
-2007), hypodense metastases about 30-60 HU below the liver in the portal phase (LiTS-117 measured -48 HU), and noise
-that falls with the square root of the slice thickness (Kanal et al., AJR 2007).
+2007), hypodense metastases about 30-60 HU below the liver in the portal phase (about -48 HU in a LiTS case), and
+noise that falls with the square root of the slice thickness (Kanal et al., AJR 2007).
 
 Coordinates: arrays are indexed ``(z, y, x)`` as ``SimpleITK.GetArrayFromImage`` returns them; spacing, origin and
 direction are in SimpleITK's (x, y, z) order and LPS convention (x towards the patient's left, y posterior,
@@ -127,7 +127,7 @@ GRID_PRESETS: dict[str, GridPreset] = {
 }
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tissue table (design/phantom.md table 6.1): HU (native, portal, arterial) and texture SD (native, portal, arterial).
+# Tissue table (docs/phantom.md, "CT numbers"): HU (native, portal, arterial) and texture SD (native, portal, arterial).
 _TISSUE_ROWS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "air": ((-1000.0, -1000.0, -1000.0), (0.0, 0.0, 0.0)),
     "lung": ((-850.0, -850.0, -850.0), (30.0, 30.0, 30.0)),
@@ -954,7 +954,7 @@ def make_case(
 
 
 def tissue_statistics(case: PhantomCase, *, roi_size: int = 5) -> dict[str, dict[str, float]]:
-    """CT-number statistics per label, as used to check the phantom against real data (design/phantom.md 5).
+    """CT-number statistics per label, as used to check the phantom against real data (docs/phantom.md).
 
     Args:
         case: A generated case.
@@ -1136,7 +1136,7 @@ def write_nnunet_dataset(
                 )
             ),
             "licence": "CC0-1.0 (synthetic data, no patient information)",
-            "reference": "nnyseg.data.phantom; design/phantom.md section 6",
+            "reference": "nnyseg.data.phantom; docs/phantom.md",
         }
         sidecar = {
             "generator": "nnyseg.data.phantom",

@@ -2,7 +2,7 @@
 
 Liu H, Tao Z, Dong W, Sun Q. "nnY-Net: Swin-NeXt with Cross-Attention for 3D Medical Images Segmentation",
 arXiv:2501.01406 (2025), build a "DiceFocalCELoss" and give neither its weights nor the focal parameters. The form
-below is the proposal of ``design/architectures.md`` section 2.5:
+below, and the defaults, are nnyseg's choice (reasons: docs/losses.md, "DiceFocalCELoss (nnY-Net)"):
 
     ``L = w_dice * L_Dice + w_focal * L_Focal + w_ce * L_CE``  (weights 1 / 1 / 1, focal gamma 2, no alpha)
 

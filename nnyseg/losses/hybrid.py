@@ -17,20 +17,23 @@ channel, or also over the batch with ``batch_dice=True`` (nnU-Net's plans entry 
 the mean over the remaining (sample,) channel entries:
 
 * soft Dice: ``L = 1 - (2 TP + s) / (sum(p) + sum(g) + s)`` with ``TP = sum(p g)``; with ``squared=True`` the
-  denominator is ``sum(p^2) + sum(g^2) + s`` (the lineage code's form, section 4.3 of architectures.md).
+  denominator is ``sum(p^2) + sum(g^2) + s``.
 * Tversky: ``L = 1 - (TP + s) / (TP + alpha FP + beta FN + s)`` with ``FP = sum(p (1 - g))`` and
   ``FN = sum((1 - p) g)``; ``alpha = 0.3`` weighs false positives, ``beta = 0.7`` false negatives (Salehi et al.
-  2017; the lineage code). ``alpha = beta = 0.5`` gives the soft Dice.
+  2017). ``alpha = beta = 0.5`` gives the soft Dice.
 * HybridLoss1 ``= w_dice L_Dice + w_bce L_BCE`` and HybridLoss2 ``= w_tversky L_Tversky + w_bce L_BCE``, both weights
-  1 by default (the paper's balancing weight is not given; the lineage code uses 1).
+  1 by default (the paper does not give its balancing weight).
 
-The smoothing term ``s`` (default 1e-5, nnU-Net's) keeps the ratio defined for empty targets and predictions; the
-lineage code uses ``s = 1``. With the defaults, region-mode HybridLoss1 is nnU-Net's ``DC_and_BCE_loss`` plus 1 (nnU-Net
-returns ``-Dice`` instead of ``1 - Dice``; the gradients are identical). Ignore labels are not supported.
+The smoothing term ``s`` (default 1e-5, nnU-Net's) keeps the ratio defined for empty targets and predictions. With the
+defaults, region-mode HybridLoss1 is nnU-Net's ``DC_and_BCE_loss`` plus 1 (nnU-Net returns ``-Dice`` instead of
+``1 - Dice``; the gradients are identical). Ignore labels are not supported.
 
-Deep supervision (architectures.md sections 4.1 and 4.4): ``L = L(y_0) + alpha_e (L(y_1) + ... + L(y_3))`` with
-``alpha_e = 0.4 * 0.8 ** floor(e / 30)``; output 0 is the full-resolution one (the paper's "loss3"). The weights are
-not normalised, as in the paper; see :func:`decaying_deep_supervision_weights`.
+Deep supervision: ``L = L(y_0) + alpha_e (L(y_1) + ... + L(y_3))`` with ``alpha_e = 0.4 * 0.8 ** floor(e / 30)``;
+output 0 is the full-resolution one (the paper's "loss3"). The weights are not normalised, as in the paper; see
+:func:`decaying_deep_supervision_weights`.
+
+Which of these defaults the paper states and where the others come from (the public pipeline
+``lee-zq/3DUNet-Pytorch``, called "the reference pipeline" below): docs/losses.md and docs/elanres_msca.md.
 
 References:
     Song Z., Wu W., Wu S., Sensors 25(6):1814, 2025 (section 2.3, Table 2). doi:10.3390/s25061814.
@@ -142,7 +145,7 @@ class SoftDiceLoss(_OverlapLoss):
     """Soft Dice loss ``1 - (2 TP + s) / (sum(p) + sum(g) + s)``, averaged over channels (and samples).
 
     The plain form is nnU-Net's ``MemoryEfficientSoftDiceLoss`` shifted by 1; ``squared=True`` uses
-    ``sum(p^2) + sum(g^2)`` in the denominator, as the lineage code does.
+    ``sum(p^2) + sum(g^2)`` in the denominator, as the reference pipeline does.
 
     Args:
         use_sigmoid: True for region-based outputs (sigmoid; target one binary map per channel), False for
@@ -306,7 +309,7 @@ class HybridLoss1(_HybridLoss):
         use_sigmoid: True for region-based outputs (sigmoid, BCE), False for label-based outputs (softmax, CE).
         batch_dice: Batch Dice (see :class:`SoftDiceLoss`).
         weight_dice: Weight of the Dice term.
-        weight_bce: Weight of the cross-entropy term (the paper's balancing weight; 1 in the lineage code).
+        weight_bce: Weight of the cross-entropy term (the paper's balancing weight; 1 in the reference pipeline).
         smooth: Dice smoothing term.
         squared: Squared Dice denominator.
         do_bg: Include channel 0 in the Dice. ``None``: True for regions, False for labels.
@@ -438,11 +441,12 @@ def decaying_deep_supervision_weights(
 
     Output 0 is the full-resolution output (nnU-Net's order, highest resolution first; the paper's "loss3"). The
     weights are deliberately *not* normalised: the paper's loss is ``loss3 + a (loss0 + loss1 + loss2)``, so the
-    full-resolution term keeps weight 1 and the total shrinks as ``a`` decays (architectures.md section 4.4).
+    full-resolution term keeps weight 1 and the total shrinks as ``a`` decays (docs/losses.md, "Decaying deep
+    supervision").
 
     Args:
         num_outputs: Number of deep-supervision outputs of the network.
-        epoch: Current epoch, counted from 0 (the lineage code's ``alpha *= 0.8`` after every 30th of its 1-based
+        epoch: Current epoch, counted from 0 (the reference pipeline's ``alpha *= 0.8`` after every 30th of its 1-based
             epochs gives the same values).
         alpha: ``a`` at epoch 0.
         decay: Factor applied every ``every`` epochs.

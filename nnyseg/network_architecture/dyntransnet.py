@@ -2,8 +2,8 @@
 
 Zheng S, Sagar ASMS, Chen Y, Yu Z, Ying S, Zeng Y. "DynTransNet: Dynamic Transformer Network with multi-scale
 attention for liver cancer segmentation", Front. Oncol. 15:1569083 (2025), doi:10.3389/fonc.2025.1569083. The paper
-leaves widths, depths, patch size and the shape of its dynamic bias open; what is built here is the proposal of
-``design/architectures.md`` section 3.3/3.4.
+leaves widths, depths, patch size and the shape of its dynamic bias open; docs/dyntransnet.md separates what the
+paper states from what nnyseg chose, and lists every switch.
 
 Option A, ``encoder="swin"`` (default): a SwinUNETR-style hierarchy (stride-2 patch embedding, four stages of
 (shifted-)window attention, patch merging) whose attention adds the D-MSA bias
@@ -39,7 +39,8 @@ Table 2 "weighted sum"                             "key"        "weighted_sum"  
 
 ``residual_module=False`` replaces every RM by the identity; the stem convolution of E0 (which changes the channel
 count) stays. ``dmsa_bias="dense"`` selects the literal N x N reading of the bias instead of the key-saliency one.
-The paper's baseline is not described; "Swin encoder without D-MSA, concatenation fusion, no RM" is our reading.
+The paper's baseline is not described; "Swin encoder without D-MSA, concatenation fusion, no RM" is nnyseg's
+reading (docs/dyntransnet.md, "The paper's ablation rows as settings", also lists the paper's reported Dice per row).
 
 nnU-Net builds the network from the plans with
 ``network_class_name = "nnyseg.network_architecture.dyntransnet.DynTransNet"``; its planner is

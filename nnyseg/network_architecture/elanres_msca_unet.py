@@ -16,7 +16,8 @@ The topology (stages, strides, kernels, widths) comes from nnU-Net plans, so the
   undoes it.
 
 Ablations of the paper (``use_elanres``, ``use_msca``): (False, False) plain U-Net, (False, True) MSCA-UNet,
-(True, False) ELANRes-UNet, (True, True) ELANRes-MSCA-UNet.
+(True, False) ELANRes-UNet, (True, True) ELANRes-MSCA-UNet. What the paper states, what nnyseg chose and every
+switch: docs/elanres_msca.md.
 
 Reference:
     Song Z., Wu W., Wu S., "Multi-Scale Convolutional Attention and Structural Re-Parameterized Residual-Based 3D U-Net

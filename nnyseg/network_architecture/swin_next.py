@@ -1,14 +1,14 @@
 """nnY-Net: a Swin-NeXt U-Net with bottleneck cross-attention, as an nnU-Net v2 network class.
 
 Liu H, Tao Z, Dong W, Sun Q. "nnY-Net: Swin-NeXt with Cross-Attention for 3D Medical Images Segmentation",
-arXiv:2501.01406 (2025). Only the abstract of the paper is readable; the architecture below is the proposal of
-``design/architectures.md`` section 2.3/2.4:
+arXiv:2501.01406 (2025). Only the abstract of the paper is readable, so most of what follows is nnyseg's choice;
+docs/nnynet.md separates what the paper states from what nnyseg chose, and lists every switch:
 
 * encoder: the SwinUNETR encoder (Hatamizadeh et al. 2022): stride-2 patch embedding and four Swin stages with patch
   merging, hidden states F@/2 ... 16F@/32, plus residual conv blocks on the skip paths and on the bottleneck;
 * "Y" branch: cross-attention from clinical-field tokens and latent tokens to the bottleneck voxels, applied as
-  zero-initialised FiLM modulations of the bottleneck and (by default; the spec says the bottleneck only, see
-  ``ca_film_levels``) of every decoder level's output;
+  zero-initialised FiLM modulations of the bottleneck and, with ``ca_film_levels="all"`` (the default), of every
+  decoder level's output;
 * decoder: MedNeXt blocks (Roy et al. 2023) with transposed-depthwise up-sampling and additive skips, one 1x1x1
   segmentation head per level (deep supervision at 1, 1/2, 1/4, 1/8, 1/16).
 
@@ -276,9 +276,8 @@ class SwinNeXtUNet(nn.Module):
         n_latent_tokens: Learned latent query tokens.
         ca_heads: Cross-attention heads; must divide 16F.
         ca_film_levels: Where the branch's output goes: ``"all"`` (default) the bottleneck and the output of every
-            decoder level, each through its own zero-initialised FiLM layer; ``"bottleneck"`` the bottleneck only, as
-            spec section 2.4 proposes. The default departs from the spec because the MedNeXt decoder's per-channel
-            normalisation cancels a bottleneck-only FiLM (see :class:`BottleneckCrossAttention`).
+            decoder level, each through its own zero-initialised FiLM layer; ``"bottleneck"`` the bottleneck only.
+            Why the default: docs/nnynet.md, "Where the Y branch acts".
         use_checkpoint: Gradient checkpointing for every Swin, conv and MedNeXt block.
     """
 

@@ -5,7 +5,7 @@ Deep Learning Models for Tabular Data", NeurIPS 2021) plus a few learned latent 
 layer-normalised voxels of the bottleneck feature map. One pre-LN transformer-decoder layer without self-attention
 updates the queries, their mean is mapped to a FiLM modulation (Perez et al., "FiLM", AAAI 2018) of the bottleneck
 and, optionally, of the output of every decoder level. Every FiLM layer is zero-initialised, so at initialisation the
-branch is the identity.
+branch is the identity. Design and modes: docs/nnynet.md, "Cross-attention (the Y branch)".
 """
 
 from __future__ import annotations
@@ -212,15 +212,10 @@ class BottleneckCrossAttention(nn.Module):
         ``b' = b * (1 + gamma) + beta``.
 
     With ``level_channels`` the summary ``o`` also modulates the output of each decoder level ``s`` through its own
-    FiLM layer (:meth:`modulate_level`). Why, although spec section 2.4 routes the branch to the bottleneck only: the
-    MedNeXt decoder that follows normalises every channel on its own (``GroupNorm`` with one group per channel), which
-    removes a per-channel scale ``gamma`` exactly and a per-channel shift ``beta`` up to border effects; only the sparse
-    stride-2 1x1 residual of the up-sampling block passes the modulation on. Trained that way on the phantom's
-    clinical variant (``benchmarks/ybranch.py``), the Y branch did not learn to use the field that decides the label:
-    swapping every case's diagnosis changed no tumour probability by more than 0.05. FiLM applied to a level's output
-    reaches its segmentation head and the next level's residual stream without a normalisation in between, as
-    conditioning is placed in conditional U-Nets (e.g. the scale-shift norm of Dhariwal and Nichol, "Diffusion Models
-    Beat GANs on Image Synthesis", NeurIPS 2021).
+    FiLM layer (:meth:`modulate_level`); the caller applies those. A level's output reaches its segmentation head and
+    the next level without a normalisation in between, whereas a per-channel-normalising decoder (MedNeXt's GroupNorm
+    with one group per channel) largely cancels a FiLM of the bottleneck alone. Background and measurements:
+    docs/nnynet.md, "Where the Y branch acts".
 
     Every FiLM Linear is a :class:`ZeroInitLinear`, so the branch is the identity at initialisation.
 
@@ -238,8 +233,8 @@ class BottleneckCrossAttention(nn.Module):
         mlp_ratio: Hidden width of the MLP relative to ``channels``.
         field_dropout: Training-time probability of dropping a clinical field.
         attn_drop: Dropout on the attention weights (training only).
-        level_channels: Channels of each decoder level's output, deepest first; one FiLM layer per level (none: the
-            bottleneck only, the spec's routing).
+        level_channels: Channels of each decoder level's output, deepest first; one FiLM layer per level (empty: the
+            bottleneck only).
     """
 
     def __init__(

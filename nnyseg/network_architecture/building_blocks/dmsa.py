@@ -7,13 +7,13 @@ attention for liver cancer segmentation", Front. Oncol. 15:1569083 (2025), secti
 
 The paper gives neither the width of ``W_d^h`` nor how ``X_l W_d^h`` (N rows) becomes an N x N bias. The softmax runs
 over the keys j, so a bias that is constant along a row (one value per query i) cancels out:
-``softmax_j(s_ij + c_i) = softmax_j(s_ij)``. ``design/architectures.md`` section 3.3 keeps two readings that do change
-the attention, selected by ``dmsa_bias``:
+``softmax_j(s_ij + c_i) = softmax_j(s_ij)``. nnyseg keeps the two readings that do change the attention, selected by
+``dmsa_bias`` (docs/dyntransnet.md, "The dynamic bias"):
 
-* ``"key"`` (default, reading R2): :class:`KeySaliencyBias`, ``Delta_h[i, j] = ReLU(x_j^T w_d^h + b_d^h)``, one
+* ``"key"`` (default): :class:`KeySaliencyBias`, ``Delta_h[i, j] = ReLU(x_j^T w_d^h + b_d^h)``, one
   saliency value per *key* token j and head, broadcast over the queries. ``W_d`` is ``C x heads``; works for any
   token count.
-* ``"dense"`` (reading R3): :class:`DenseSynthesizerBias`, ``Delta_h[i, j] = ReLU(x_i^T w_{d,j}^h + b_{d,j}^h)``, the
+* ``"dense"``: :class:`DenseSynthesizerBias`, ``Delta_h[i, j] = ReLU(x_i^T w_{d,j}^h + b_{d,j}^h)``, the
   literal N x N form (the first layer of Tay et al.'s Dense Synthesizer). ``W_d`` is ``C x (heads * N)``, so it is only
   defined for one fixed token count N (a full Swin window, or the token grid of a fixed-size ViT input).
 * ``"none"``: no dynamic bias (the ablation).
@@ -23,7 +23,7 @@ broadcasts to the attention scores ``(B', heads, N, N)``; this is the ``extra_bi
 :class:`~nnyseg.network_architecture.building_blocks.swin.WindowAttention3d`. The bias is added to Swin's
 relative-position bias, not used in its place.
 
-Initialisation (section 3.3): ``W_d ~ N(0, 0.02^2)``, ``b_d = 0``. ``W_d`` must not be zero-initialised: with a ReLU,
+Initialisation: ``W_d ~ N(0, 0.02^2)``, ``b_d = 0``. ``W_d`` must not be zero-initialised: with a ReLU,
 zero weights and zero bias give a zero output and zero gradients for ever.
 """
 
@@ -54,7 +54,7 @@ def _check_tokens(x: torch.Tensor, dim: int, name: str) -> None:
 
 
 class KeySaliencyBias(nn.Module):
-    """D-MSA bias from the key tokens: ``Delta_h[i, j] = ReLU(x_j^T w_d^h + b_d^h)`` (reading R2, the default).
+    """D-MSA bias from the key tokens: ``Delta_h[i, j] = ReLU(x_j^T w_d^h + b_d^h)`` (``dmsa_bias="key"``, the default).
 
     Every key token j gets one non-negative saliency per head, which raises the attention paid to it by every query
     of the window. It works for any token count (windows that shrink on small feature maps included) and costs
@@ -96,7 +96,7 @@ class KeySaliencyBias(nn.Module):
 
 
 class DenseSynthesizerBias(nn.Module):
-    """D-MSA bias in the literal N x N form: ``Delta_h[i, j] = ReLU(x_i^T w_{d,j}^h + b_{d,j}^h)`` (reading R3).
+    """D-MSA bias in the literal N x N form: ``Delta_h[i, j] = ReLU(x_i^T w_{d,j}^h + b_{d,j}^h)`` (``"dense"``).
 
     Each query token i predicts one bias per key position j and head, as in the first layer of a Dense Synthesizer.
     ``W_d`` has ``heads * N`` columns, so the module is tied to one token count N: a full window (``window ** 3``) in

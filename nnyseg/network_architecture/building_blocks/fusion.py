@@ -10,7 +10,8 @@ Front. Oncol. 15:1569083 (2025), sections 3.2.1 and 3.2.2:
 * :class:`ResidualModule` (RM, Algorithm 3): two conv-IN-LeakyReLU blocks and an identity residual.
 
 All modules take channels-first maps ``(B, C, D, H, W)``. In every fusion module ``d`` is the up-sampled decoder map
-and ``e`` the encoder (skip) map of the same spatial size.
+and ``e`` the encoder (skip) map of the same spatial size. Where nnyseg fills gaps of the paper (gate width, the
+ablation modules' form): docs/dyntransnet.md, "Decoder: fusion and RM".
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ strip convolutions ``a_k`` of length k applied to ``a``. Two 3D readings are off
   axis is nnU-Net's through-plane axis for axial CT. Through-plane context comes from the surrounding 3D convs.
 - ``mode="strip3d"``: a depthwise ``5x5x5`` and, per k, strips along all three axes ``(1,1,k) -> (1,k,1) -> (k,1,1)``.
 
+See docs/elanres_msca.md, "MSCA block", for which of these the paper states.
+
 ``MSCABlock`` is SegNeXt's ``Block``: ``y = x + ls1 * DropPath(SA(N1(x)))`` with
 ``SA(u) = P2(MSCA(GELU(P1(u)))) + u``, then ``z = y + ls2 * DropPath(MLP(N2(y)))`` with a depthwise conv inside the MLP.
 
