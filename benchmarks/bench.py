@@ -1,8 +1,8 @@
 """Side-by-side speed and memory benchmark of nnyseg's networks against nnU-Net's PlainConvUNet.
 
-Every architecture is built exactly as nnU-Net would build it from plans for the requested patch (the planners'
-``topology`` rule, then nnU-Net's ``get_network_from_plans``) and measured in its own subprocess, one after the other,
-with the same patch, batch, device and threads:
+Every architecture is read from the model registry (``nnyseg.registry``) and built exactly as nnU-Net would build it
+from plans for the requested patch (the model's topology rule, then nnU-Net's ``get_network_from_plans``) and
+measured in its own subprocess, one after the other, with the same patch, batch, device and threads:
 
 - parameters (millions);
 - one training step as nnU-Net's ``nnUNetTrainer.train_step`` runs it: deep supervision on,
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime as dt
 import json
 import os
@@ -91,52 +90,21 @@ class ArchSpec:
 
     Attributes:
         key: Name used with ``--archs`` and in the table.
-        planner: Key of ``nnyseg.planning.planners.PLANNERS`` whose ``topology`` builds the network, or None for
-            nnU-Net's ResEnc M preset.
+        model: Key of ``nnyseg.registry.MODELS`` whose preset builds the network.
         fused: Whether ``switch_to_deploy()`` is applied before inference (inference only, no training step).
         description: One line for ``--help``.
         arch_kwargs: Overrides of the plans' ``arch_kwargs``: an ablation switch, as a plans configuration sets it.
     """
 
     key: str
-    planner: str | None
+    model: str
     fused: bool = False
     description: str = ""
     arch_kwargs: tuple[tuple[str, Any], ...] = ()
 
 
-#: The named rows; every other ``PLANNERS`` key is added under its class name by :func:`architecture_specs`.
-NAMED_ARCHS: tuple[ArchSpec, ...] = (
-    ArchSpec("plain", "nnysegBaselinePlanner", description="nnU-Net's PlainConvUNet (the baseline, always measured)"),
-    ArchSpec("resenc_m", None, description="nnU-Net's ResidualEncoderUNet, ResEnc M preset topology"),
-    ArchSpec("elanres", "ELANResMSCAPlanner", description="ELANRes-MSCA-UNet (training-time RepConv branches)"),
-    ArchSpec(
-        "elanres_fused",
-        "ELANResMSCAPlanner",
-        fused=True,
-        description="ELANRes-MSCA-UNet after switch_to_deploy() (inference only)",
-    ),
-    ArchSpec("nnynet", "nnYNetPlanner", description="nnY-Net (SwinNeXtUNet)"),
-)
-
-
-#: One row per ablation switch (DynTransNet: the paper's Tables 2 and 3; nnY-Net: the Y branch), measured only when
-#: named in ``--archs`` or with ``--archs ablations``; each changes one setting of the full network. (The dense D-MSA
-#: reading is not a row: it needs full windows in every Swin stage, i.e. a patch of at least 16 x window per axis.)
-def _ablation(key: str, planner: str, description: str, **switch: Any) -> ArchSpec:
-    return ArchSpec(key, planner, description=description, arch_kwargs=tuple(switch.items()))
-
-
-ABLATION_ARCHS: tuple[ArchSpec, ...] = (
-    _ablation("dtn_no_dmsa", "DynTransNetPlanner", "DynTransNet, D-MSA off", dmsa_bias="none"),
-    _ablation("dtn_concat", "DynTransNetPlanner", "DynTransNet, concatenation instead of FM-M", fusion="concat"),
-    _ablation("dtn_weighted_sum", "DynTransNetPlanner", "DynTransNet, weighted sum, not FM-M", fusion="weighted_sum"),
-    _ablation("dtn_no_rm", "DynTransNetPlanner", "DynTransNet, Residual Module off", residual_module=False),
-    _ablation("nnynet_ca_off", "nnYNetPlanner", "nnY-Net, cross-attention off", cross_attention="off"),
-    _ablation(
-        "nnynet_film_bottleneck", "nnYNetPlanner", "nnY-Net, FiLM at the bottleneck only", ca_film_levels="bottleneck"
-    ),
-)
+#: Row keys of registry models whose key is not the row name (short names kept from earlier result tables).
+ROW_NAMES = {"plainconvunet": "plain", "resencunet_m": "resenc_m", "elanres_msca": "elanres"}
 
 
 @contextlib.contextmanager
@@ -146,49 +114,57 @@ def _quiet_stdout() -> Iterator[None]:
         yield
 
 
-def _planners() -> dict[str, Any]:
+def _registry() -> Any:
     with _quiet_stdout():
-        from nnyseg.planning.planners import PLANNERS
-    return PLANNERS
+        from nnyseg import registry
+    return registry
 
 
 def architecture_specs() -> dict[str, ArchSpec]:
-    """All benchmarkable architectures: the named rows, then every other ``PLANNERS`` key by its class name."""
-    planners = _planners()
-    specs = {spec.key: spec for spec in NAMED_ARCHS if spec.planner is None or spec.planner in planners}
-    covered = {spec.planner for spec in specs.values()}
-    topologies = {planners[name].topology.__func__ for name in covered if name in planners}
-    for name in planners:
-        # A planner that only changes preprocessing (ELANResMSCAPaperPlanner) builds a network already measured.
-        if name not in covered and planners[name].topology.__func__ not in topologies:
-            specs[name] = ArchSpec(name, name, description=f"{name}'s network")
-    specs.update({spec.key: spec for spec in ABLATION_ARCHS if spec.planner in planners})
+    """All benchmark rows, read from the model registry: the baseline first, one row per model (plus the fused
+    ELANRes-MSCA-UNet), then one row per ablation switch (``<model row>_<switch>``), measured only on request."""
+    registry = _registry()
+    specs: dict[str, ArchSpec] = {}
+    models = [n for n in registry.list_models() if not registry.get_model(n).trainers]
+    models += registry.list_models(methods_only=True)
+    for name in models:
+        model = registry.get_model(name)
+        key = ROW_NAMES.get(name, name)
+        specs[key] = ArchSpec(key, name, description=model.title)
+        if callable(getattr(model.network_class, "switch_to_deploy", None)):
+            specs[f"{key}_fused"] = ArchSpec(
+                f"{key}_fused", name, fused=True, description=f"{model.title}, after switch_to_deploy() (inference)"
+            )
+    for name in models:
+        model = registry.get_model(name)
+        key = ROW_NAMES.get(name, name)
+        for switch, kwargs in model.ablations.items():
+            specs[f"{key}_{switch}"] = ArchSpec(
+                f"{key}_{switch}", name, description=f"{model.title}, {switch}", arch_kwargs=tuple(kwargs.items())
+            )
     return specs
 
 
 def resolve_archs(requested: Sequence[str] | None, specs: dict[str, ArchSpec] | None = None) -> list[str]:
     """Turns ``--archs`` into row keys: ``None`` or ``all`` means every architecture (ablation rows excluded);
-    ``ablations`` means each ablation row after the full network it ablates; planner class names are aliases.
+    ``ablations`` means each ablation row after the full network it ablates; registry keys are aliases.
 
     The baseline ``plain`` is always included, first.
 
     Raises:
-        ValueError: For a name that is neither a row key nor a planner class name.
+        ValueError: For a name that is neither a row key nor a registry key.
     """
     specs = architecture_specs() if specs is None else specs
-    ablation_keys = {spec.key for spec in ABLATION_ARCHS}
-    aliases: dict[str, str] = {}
-    for spec in specs.values():
-        if spec.planner is not None and not spec.fused and spec.key not in ablation_keys:
-            aliases.setdefault(spec.planner, spec.key)
+    ablation_keys = {k for k, spec in specs.items() if spec.arch_kwargs}
+    aliases = {spec.model: spec.key for spec in specs.values() if not spec.fused and not spec.arch_kwargs}
     keys: list[str] = []
     for name in requested or ["all"]:
         if name == "all":
             keys += [k for k in specs if k not in ablation_keys]
         elif name == "ablations":
-            for spec in ABLATION_ARCHS:
-                if spec.key in specs:
-                    keys += [aliases[spec.planner], spec.key]
+            for key in ablation_keys & set(specs):
+                keys += [aliases[specs[key].model], key]
+            keys = sorted(dict.fromkeys(keys), key=list(specs).index)
         else:
             key = name if name in specs else aliases.get(name)
             if key is None:
@@ -196,38 +172,6 @@ def resolve_archs(requested: Sequence[str] | None, specs: dict[str, ArchSpec] | 
             keys.append(key)
     ordered = [BASELINE] + [k for k in keys if k != BASELINE]
     return list(dict.fromkeys(ordered))
-
-
-def resenc_m_topology(spacing: Sequence[float], patch_size: Sequence[int], *, tiny: bool = False) -> tuple[list, dict]:
-    """nnU-Net's ``nnUNetPlannerResEncM`` architecture block for a given patch (same topology rule as nnU-Net's).
-
-    Widths 32..320 (``tiny``: 8..64, like nnyseg's tiny presets), ``n_blocks_per_stage`` (1, 3, 4, 6, 6, 6, ...) and
-    one conv block per decoder stage; strides and kernels from ``get_pool_and_conv_props`` (minimum edge 4).
-
-    Returns:
-        ``(patch_size, architecture)`` with the patch made divisible by the strides.
-    """
-    with _quiet_stdout():
-        from nnyseg.planning.planners import NNUNET_CONV_OPS, conv_unet_topology, features_per_stage
-
-    patch, kernels, strides = conv_unet_topology([float(s) for s in spacing], [int(p) for p in patch_size])
-    n = len(strides)
-    base, maximum = (8, 64) if tiny else (32, 320)
-    blocks_encoder = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
-    return patch, {
-        "network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
-        "arch_kwargs": {
-            "n_stages": n,
-            "features_per_stage": features_per_stage(n, base, maximum),
-            "conv_op": "torch.nn.modules.conv.Conv3d",
-            "kernel_sizes": kernels,
-            "strides": strides,
-            "n_blocks_per_stage": list(blocks_encoder[:n]),
-            "n_conv_per_stage_decoder": [1] * (n - 1),
-            **copy.deepcopy(NNUNET_CONV_OPS),
-        },
-        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-    }
 
 
 def build_architecture(
@@ -242,35 +186,19 @@ def build_architecture(
     """Builds ``spec``'s network with deep supervision on, as nnU-Net would from plans.
 
     Returns:
-        ``(network, patch_size, architecture)``; the patch is the one the architecture's topology rule accepted.
+        ``(network, patch_size, architecture)``; the patch is the one the model's topology rule accepted.
     """
+    registry = _registry()
     with _quiet_stdout():
-        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-        from nnyseg.planning.planners import build_network_for_patch
-
-    if spec.planner is not None:
-        return build_network_for_patch(
-            _planners()[spec.planner],
+        return registry.get_model(spec.model).build(
             list(patch_size),
             spacing=list(spacing),
-            tiny=tiny,
+            preset=registry.TINY if tiny else registry.FULL,
             input_channels=input_channels,
             num_classes=num_classes,
             deep_supervision=True,
-            arch_kwargs=dict(spec.arch_kwargs),
+            overrides=dict(spec.arch_kwargs),
         )
-    patch, architecture = resenc_m_topology(spacing, patch_size, tiny=tiny)
-    network = get_network_from_plans(
-        architecture["network_class_name"],
-        architecture["arch_kwargs"],
-        architecture["_kw_requires_import"],
-        input_channels,
-        num_classes,
-        allow_init=True,
-        deep_supervision=True,
-    )
-    return network, patch, architecture
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -416,7 +344,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     result: dict[str, Any] = {
         "arch": spec.key,
-        "planner": spec.planner,
+        "model": spec.model,
         "fused": spec.fused,
         "device": str(device),
         "device_name": device_name(str(device)),
@@ -790,8 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="NAME",
-        help="architectures to measure (default: all): plain, resenc_m, elanres, elanres_fused, nnynet and every "
-        "other planner of nnyseg.planning.planners.PLANNERS by its class name; plain is always added",
+        help="architectures to measure (default: all): one row per model of nnyseg.registry (plain, resenc_m, "
+        "elanres, elanres_fused, nnynet, dyntransnet), 'ablations' for every ablation switch; plain is always added",
     )
     parser.add_argument(
         "--patch", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"), help="patch size (default: 64^3)"

@@ -110,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     from nnyseg.data.phantom import write_nnunet_dataset
     from nnyseg.planning.planners import TINY_CONFIGURATION
     from nnyseg.trainers.base import PLANS_SETTINGS_KEY
-    from nnyseg.trainers.nnynet import add_clinical_configuration
 
     started = time.time()
     work = Path(args.workdir)
@@ -154,12 +153,23 @@ def main(argv: list[str] | None = None) -> int:
         "initial_lr": args.lr,
         "seed": args.seed,
     }
-    architecture = add_clinical_configuration(plans, table.schema, base_configuration=TINY_CONFIGURATION)
-    tiny_kwargs = plans["configurations"][TINY_CONFIGURATION]["architecture"]["arch_kwargs"]
+    # The planner saw the clinical table beside dataset.json: its CPU preset is in clinical mode with the table's
+    # schema. The latent model is the same configuration with the cross-attention switch set to "latent".
+    tiny_architecture = plans["configurations"][TINY_CONFIGURATION]["architecture"]
+    tiny_kwargs = tiny_architecture["arch_kwargs"]
+    if tiny_kwargs.get("cross_attention") != "clinical" or tiny_kwargs.get("clinical_schema") != table.schema:
+        raise RuntimeError(f"{plans_file}: nnYNetPlanner did not plan clinical mode from {table.source}")
     film_levels = tiny_kwargs.get("ca_film_levels", "all")
+    latent_architecture = json.loads(json.dumps(tiny_architecture))
+    latent_architecture["arch_kwargs"]["cross_attention"] = "latent"
+    del latent_architecture["arch_kwargs"]["clinical_schema"]
     configurations = {"latent": "ybranch_latent", "clinical": "ybranch_clinical"}
-    plans["configurations"]["ybranch_latent"] = {"inherits_from": TINY_CONFIGURATION, PLANS_SETTINGS_KEY: settings}
-    plans["configurations"]["ybranch_clinical"] = {"inherits_from": architecture, PLANS_SETTINGS_KEY: settings}
+    plans["configurations"]["ybranch_latent"] = {
+        "inherits_from": TINY_CONFIGURATION,
+        "architecture": latent_architecture,
+        PLANS_SETTINGS_KEY: settings,
+    }
+    plans["configurations"]["ybranch_clinical"] = {"inherits_from": TINY_CONFIGURATION, PLANS_SETTINGS_KEY: settings}
     plans_file.write_text(json.dumps(plans, indent=1), encoding="utf-8")
 
     # One split: train on every training case; validate (nnU-Net's per-epoch pseudo Dice and its final validation)

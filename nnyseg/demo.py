@@ -1,12 +1,13 @@
 """``nnyseg demo``: the main job end to end on the phantom, on a CPU, with the stock nnU-Net commands.
 
-phantom dataset -> ``nnyseg plan_and_preprocess`` (one planner per model) -> ``nnUNetv2_train`` of each model's tiny
-preset, fold 0 -> ``nnUNetv2_predict`` on the held-out cases -> ``nnyseg evaluate`` (LiTS metrics) -> ``nnyseg report``
-(an HTML page with overlays and the training curve) per model.
+``nnyseg phantom`` -> ``nnUNetv2_plan_and_preprocess`` (nnU-Net's default plans) -> ``nnUNetv2_train ... -tr
+nnYNetTrainer_tiny`` (fold 0; the trainer derives nnY-Net's CPU-sized configuration from nnU-Net's plans) ->
+``nnUNetv2_predict`` on the held-out cases -> ``nnyseg evaluate`` (LiTS metrics) -> ``nnyseg report`` (an HTML page
+with overlays and the training curve) per model. nnyseg's own commands appear only where nnU-Net has none.
 
-Every step is the command a user would type; the demo prints each one before it runs it. Models are tiny presets
-(``3d_fullres_tiny``) so that the whole run takes minutes on 2 CPU cores; their numbers say that the pipeline works,
-not how good the architectures are.
+Every step is the command a user would type; the demo prints each one before it runs it. Models are the registry's
+CPU presets (the ``*_tiny`` trainers) so that the whole run takes minutes on 2 CPU cores; their numbers say that the
+pipeline works, not how good the architectures are.
 """
 
 from __future__ import annotations
@@ -17,40 +18,25 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 DEMO_DATASET_ID = 501
 DEMO_DATASET_NAME = "LiverPhantomDemo"
 
 
-@dataclass(frozen=True)
-class DemoModel:
-    """One model of the demo: the planner that writes its plans and the trainer that trains it."""
-
-    key: str
-    planner: str
-    plans: str
-    trainer: str
-    description: str
+#: Models the demo can train (registry keys); the flagship nnY-Net by default keeps the demo under 15 minutes on
+#: 2 CPU cores, ``--models nnynet dyntransnet elanres_msca`` trains all three methods.
+DEMO_MODELS: tuple[str, ...] = ("nnynet", "dyntransnet", "elanres_msca")
+DEFAULT_DEMO_MODELS: tuple[str, ...] = ("nnynet",)
+PLANS = "nnUNetPlans"
+CONFIGURATION = "3d_fullres"
 
 
-#: Models the demo can train; the order is the order of training.
-DEMO_MODELS: dict[str, DemoModel] = {
-    m.key: m
-    for m in (
-        DemoModel("baseline", "nnysegBaselinePlanner", "nnysegBaselinePlans", "nnysegTrainer", "nnU-Net PlainConvUNet"),
-        DemoModel("elanres", "ELANResMSCAPlanner", "ELANResMSCAPlans", "nnysegTrainer", "ELANRes-MSCA-UNet"),
-        DemoModel("nnynet", "nnYNetPlanner", "nnYNetPlans", "nnysegTrainer", "nnY-Net (Swin-NeXt, latent queries)"),
-        DemoModel(
-            "dyntransnet", "DynTransNetPlanner", "DynTransNetPlans", "nnysegTrainer", "DynTransNet (D-MSA, FM-M)"
-        ),
-    )
-}
+def cpu_trainer(model: str) -> str:
+    """The trainer that trains ``model``'s CPU preset (the first ``*_tiny`` trainer of its registry entry)."""
+    from nnyseg.registry import get_model
 
-#: What ``nnyseg demo`` trains by default: the baseline and one nnyseg architecture keep it under 15 minutes on 2
-#: CPU cores; ``--models baseline elanres nnynet dyntransnet`` adds the Swin-based networks.
-DEFAULT_DEMO_MODELS = ("baseline", "elanres")
+    return next(t for t in get_model(model).trainers if t.endswith("_tiny"))
 
 
 def _script(name: str) -> str:
@@ -123,19 +109,17 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
 
     Args:
         workdir: Folder for every output (created; replaced unless ``keep``).
-        trainers: Keys of :data:`DEMO_MODELS` to train (default: :data:`DEFAULT_DEMO_MODELS`).
+        trainers: Models of :data:`DEMO_MODELS` to train (default: :data:`DEFAULT_DEMO_MODELS`).
         keep: Reuse an existing work folder (skips the phantom and planning steps that already ran).
         preset: Phantom grid; ``micro`` (6 x 6 x 8 mm voxels) makes a quick smoke run of the whole pipeline.
     """
-    from nnyseg.data.phantom import write_nnunet_dataset
     from nnyseg.evaluation.metrics import format_summary
-    from nnyseg.planning.planners import nnysegPlannerBase
+    from nnyseg.registry import get_model
 
-    keys = list(trainers or DEFAULT_DEMO_MODELS)
-    unknown = [k for k in keys if k not in DEMO_MODELS]
+    models = list(trainers or DEFAULT_DEMO_MODELS)
+    unknown = [k for k in models if k not in DEMO_MODELS]
     if unknown:
         raise ValueError(f"unknown demo model(s) {unknown}; choose from {list(DEMO_MODELS)}")
-    models = [DEMO_MODELS[k] for k in keys]
 
     workdir = workdir.resolve()
     if workdir.exists() and not keep:
@@ -152,48 +136,60 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
 
     raw = Path(env["nnUNet_raw"])
     dataset_dir = raw / f"Dataset{DEMO_DATASET_ID:03d}_{DEMO_DATASET_NAME}"
-    if not dataset_dir.exists():
-        print("\n== 1. phantom dataset")
-        write_nnunet_dataset(
-            raw, DEMO_DATASET_ID, DEMO_DATASET_NAME, num_training=10, num_test=2, preset=preset, seed=0
-        )
-
-    print("\n== 2. plan and preprocess (nnU-Net's fingerprint planning, adapted per architecture)")
     nnyseg_cmd = [sys.executable, "-m", "nnyseg.cli"]
-    for i, model in enumerate(models):
-        plans_file = Path(env["nnUNet_preprocessed"]) / dataset_dir.name / f"{model.plans}.json"
-        if keep and plans_file.exists():
-            continue
-        # The 3d_fullres data are shared by every nnyseg plans file, so they are preprocessed once.
-        preprocess = ["-c", "3d_fullres", "-np", "2"] if i == 0 else ["--no_pp"]
+    if not dataset_dir.exists():
+        print("\n== 1. phantom dataset (nnyseg phantom)")
         _run(
             [
                 *nnyseg_cmd,
-                "plan_and_preprocess",
+                "phantom",
                 "-d",
                 str(DEMO_DATASET_ID),
-                "-pl",
-                model.planner,
-                "-npfp",
+                "--name",
+                DEMO_DATASET_NAME,
+                "--num-training",
+                "10",
+                "--num-test",
                 "2",
-                *preprocess,
+                "--preset",
+                preset,
+                "--seed",
+                "0",
             ],
             env,
             log,
         )
 
-    print("\n== 3. train each model's tiny CPU preset (fold 0)")
+    print("\n== 2. plan and preprocess (nnU-Net's own command and plans)")
+    plans_file = Path(env["nnUNet_preprocessed"]) / dataset_dir.name / f"{PLANS}.json"
+    if not (keep and plans_file.exists()):
+        _run(
+            [
+                _script("nnUNetv2_plan_and_preprocess"),
+                "-d",
+                str(DEMO_DATASET_ID),
+                "-c",
+                CONFIGURATION,
+                "-npfp",
+                "2",
+                "-np",
+                "2",
+                "--verify_dataset_integrity",
+            ],
+            env,
+            log,
+        )
+
+    print("\n== 3. train each model's CPU preset (fold 0): the trainer adapts nnU-Net's plans to its network")
     for model in models:
         _run(
             [
                 _script("nnUNetv2_train"),
                 str(DEMO_DATASET_ID),
-                "3d_fullres_tiny",
+                CONFIGURATION,
                 "0",
                 "-tr",
-                model.trainer,
-                "-p",
-                model.plans,
+                cpu_trainer(model),
                 "-device",
                 "cpu",
             ],
@@ -201,13 +197,12 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
             log,
         )
 
-    print("\n== 4. predict the held-out cases, 5. evaluate, 6. QC report")
+    print("\n== 4. predict the held-out cases (nnUNetv2_predict), 5. evaluate, 6. QC report")
     results = {}
     for model in models:
-        out = workdir / "predictions" / model.key
-        model_folder = (
-            Path(env["nnUNet_results"]) / dataset_dir.name / f"{model.trainer}__{model.plans}__3d_fullres_tiny"
-        )
+        trainer = cpu_trainer(model)
+        out = workdir / "predictions" / model
+        model_folder = Path(env["nnUNet_results"]) / dataset_dir.name / f"{trainer}__{PLANS}__{CONFIGURATION}"
         _run(
             [
                 _script("nnUNetv2_predict"),
@@ -218,11 +213,9 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
                 "-d",
                 str(DEMO_DATASET_ID),
                 "-c",
-                "3d_fullres_tiny",
+                CONFIGURATION,
                 "-tr",
-                model.trainer,
-                "-p",
-                model.plans,
+                trainer,
                 "-f",
                 "0",
                 "-device",
@@ -235,10 +228,10 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
             env,
             log,
         )
-        evaluation = workdir / "evaluation" / model.key
+        evaluation = workdir / "evaluation" / model
         gt = str(dataset_dir / "labelsTs")
         _run([*nnyseg_cmd, "evaluate", "--gt", gt, "--pred", str(out), "-o", str(evaluation)], env, log)
-        results[model.key] = json.loads((evaluation / "metrics.json").read_text(encoding="utf-8"))
+        results[model] = json.loads((evaluation / "metrics.json").read_text(encoding="utf-8"))
         _run(
             [
                 *nnyseg_cmd,
@@ -249,26 +242,26 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
                 str(dataset_dir / "labelsTs"),
                 "--pred",
                 str(out),
-                str(workdir / "report" / model.key),
+                str(workdir / "report" / model),
                 "--metrics",
                 str(evaluation / "metrics.json"),
                 "--results",
                 str(model_folder),
                 "--title",
-                f"nnyseg demo: {model.description} ({model.key}), tiny CPU preset, fold 0",
+                f"nnyseg demo: {get_model(model).title}, CPU preset ({trainer}), fold 0",
                 "--overwrite",
             ],
             env,
             log,
         )
 
-    print(f"\n== done in {time.perf_counter() - start:.0f} s. Held-out metrics (tiny CPU presets, fold 0):")
+    print(f"\n== done in {time.perf_counter() - start:.0f} s. Held-out metrics (CPU presets, fold 0):")
     for model in models:
-        print(f"\n-- {model.key}: {model.description}")
-        print(format_summary(results[model.key]))
-    tiny = nnysegPlannerBase.tiny_trainer_settings
+        print(f"\n-- {model}: {get_model(model).title}")
+        print(format_summary(results[model]))
+    tiny = get_model(models[0]).preset("tiny").trainer_settings
     print(
-        f"\nThe tiny presets train for {tiny['num_epochs'] * tiny['num_iterations_per_epoch']} iterations: enough to "
+        f"\nThe CPU presets train for {tiny['num_epochs'] * tiny['num_iterations_per_epoch']} iterations: enough to "
         "find the liver, usually not yet the tumours, which need nnU-Net's full schedule (1000 x 250 iterations)."
     )
     print("\nOutputs:")
@@ -276,11 +269,11 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
     print(f"  plans             {Path(env['nnUNet_preprocessed']) / dataset_dir.name}")
     for model in models:
         print(
-            f"  {model.key:17s} model {Path(env['nnUNet_results']) / dataset_dir.name}/"
-            f"{model.trainer}__{model.plans}__3d_fullres_tiny"
+            f"  {model:17s} model {Path(env['nnUNet_results']) / dataset_dir.name}/"
+            f"{cpu_trainer(model)}__{PLANS}__{CONFIGURATION}"
         )
-        print(f"  {'':17s} predictions {workdir / 'predictions' / model.key}")
-        print(f"  {'':17s} metrics {workdir / 'evaluation' / model.key} (metrics.json, per_case.csv, summary.md)")
-        print(f"  {'':17s} QC report {workdir / 'report' / model.key / 'index.html'}")
+        print(f"  {'':17s} predictions {workdir / 'predictions' / model}")
+        print(f"  {'':17s} metrics {workdir / 'evaluation' / model} (metrics.json, per_case.csv, summary.md)")
+        print(f"  {'':17s} QC report {workdir / 'report' / model / 'index.html'}")
     print(f"  log               {log}")
     return results

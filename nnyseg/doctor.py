@@ -59,16 +59,17 @@ def check_torch_stack() -> list[Check]:
 
 
 def check_nnunet() -> Check:
-    """nnyseg needs nnU-Net 2.8.x: 2.8.0 introduced the nnUNet_extTrainer lookup."""
+    """nnyseg needs the nnunetv2 releases it was tested with (``nnyseg.nnunet_integration.TESTED_NNUNET``)."""
+    from nnyseg.nnunet_integration import check_nnunet_version
+
     try:
         version = metadata.version("nnunetv2")
     except metadata.PackageNotFoundError:
         return Check("nnunetv2", "fail", "nnunetv2 is not installed", "pip install 'nnunetv2>=2.8.1,<2.9'")
-    major_minor = tuple(int(p) for p in version.split(".")[:2])
-    if major_minor != (2, 8):
-        return Check(
-            "nnunetv2", "fail", f"nnunetv2 {version}; nnyseg needs 2.8.x", "pip install 'nnunetv2>=2.8.1,<2.9'"
-        )
+    try:
+        check_nnunet_version(version, environ={})
+    except RuntimeError as err:
+        return Check("nnunetv2", "fail", str(err), "pip install 'nnunetv2>=2.8.1,<2.9'")
     return Check("nnunetv2", "ok", f"nnunetv2 {version}")
 
 

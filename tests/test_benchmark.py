@@ -164,19 +164,22 @@ def test_ds_targets_match_the_network_outputs(key):
 
 
 def test_architecture_selection():
-    from nnyseg.planning.planners import PLANNERS
+    from nnyseg.registry import MODELS
 
     keys = bench.resolve_archs(None)
-    assert keys[:5] == ["plain", "resenc_m", "elanres", "elanres_fused", "nnynet"]
+    assert keys[:2] == ["plain", "resenc_m"]
+    assert {"nnynet", "dyntransnet", "elanres", "elanres_fused"} <= set(keys)
     specs = bench.architecture_specs()
-    covered = {specs[k].planner for k in keys}
-    assert set(PLANNERS) - {"ELANResMSCAPaperPlanner"} <= covered  # every network, new ones by their planner's name
+    assert {specs[k].model for k in keys} == set(MODELS)  # every registry model is a row
     assert not any(specs[k].arch_kwargs for k in keys)  # ablation rows only on request
     ablations = bench.resolve_archs(["ablations"])
-    assert ablations[:3] == ["plain", "DynTransNetPlanner", "dtn_no_dmsa"]
-    switched = {"dtn_concat", "dtn_weighted_sum", "dtn_no_rm", "nnynet_ca_off", "nnynet_film_bottleneck"}
-    assert switched | {"nnynet"} <= set(ablations)
-    assert bench.resolve_archs(["nnYNetPlanner", "elanres"]) == ["plain", "nnynet", "elanres"]  # plain added first
+    switched = {
+        f"{bench.ROW_NAMES.get(name, name)}_{switch}" for name, spec in MODELS.items() for switch in spec.ablations
+    }
+    assert switched == {k for k in ablations if specs[k].arch_kwargs}
+    assert {"dyntransnet_no_dmsa", "nnynet_ca_off", "nnynet_film_bottleneck"} <= switched
+    assert ablations.index("dyntransnet") < ablations.index("dyntransnet_no_rm")  # the full network, then its switches
+    assert bench.resolve_archs(["nnynet", "elanres_msca"]) == ["plain", "nnynet", "elanres"]  # plain added first
     with pytest.raises(ValueError, match="unknown architecture"):
         bench.resolve_archs(["nope"])
     with pytest.raises(SystemExit):
@@ -251,10 +254,10 @@ def test_no_append_prints_only(tmp_path, monkeypatch, capsys):
 def test_an_ablation_row_builds_the_switched_network():
     specs = bench.architecture_specs()
     full, _, full_arch = bench.build_architecture(
-        specs["DynTransNetPlanner"], [32, 32, 32], spacing=[1, 1, 1], tiny=True, num_classes=3
+        specs["dyntransnet"], [32, 32, 32], spacing=[1, 1, 1], tiny=True, num_classes=3
     )
     ablated, _, arch = bench.build_architecture(
-        specs["dtn_no_rm"], [32, 32, 32], spacing=[1, 1, 1], tiny=True, num_classes=3
+        specs["dyntransnet_no_rm"], [32, 32, 32], spacing=[1, 1, 1], tiny=True, num_classes=3
     )
     assert arch["arch_kwargs"] == {**full_arch["arch_kwargs"], "residual_module": False}
     n_full, n_ablated = (sum(p.numel() for p in net.parameters()) for net in (full, ablated))

@@ -237,24 +237,32 @@ def test_predict_with_ground_truth_stages_gives_the_ground_truth(source, tmp_pat
 # End to end: prepare -> plan + preprocess + train both stages (2 iterations) -> predict
 # --------------------------------------------------------------------------------------------------------------
 QUICK = "3d_fullres_tiny_quick"
-PLANS = "nnysegBaselinePlans"
+PLANS = "nnUNetPlans"
 
 
 def _plan(dataset_id: int) -> None:
-    """Fingerprint, nnyseg's baseline plans plus a 1 epoch x 2 iterations configuration, and preprocessing."""
+    """Fingerprint, nnU-Net's default plans plus a CPU-sized PlainConvUNet configuration with a 1 epoch x 2
+    iterations schedule (trained by nnysegTrainer, which trains whatever the plans name), and preprocessing."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
 
-    from nnyseg.planning.planners import TINY_CONFIGURATION, nnysegBaselinePlanner
-    from nnyseg.trainers.base import PLANS_SETTINGS_KEY
+    from nnyseg.registry import PLANS_SETTINGS_KEY, TINY, adapt_configuration, get_model
 
     extract_fingerprint_dataset(dataset_id, num_processes=1)
-    planner = nnysegBaselinePlanner(dataset_id)
+    planner = ExperimentPlanner(dataset_id)
     planner.plan_experiment()
     preprocess_dataset(dataset_id, PLANS, ("3d_fullres",), (1,), show_progress_bar=False)
     plans_file = Path(os.environ["nnUNet_preprocessed"], planner.dataset_name, f"{PLANS}.json")
     plans = json.loads(plans_file.read_text(encoding="utf-8"))
-    quick = {"inherits_from": TINY_CONFIGURATION, PLANS_SETTINGS_KEY: dict(QUICK_TRAINER_SETTINGS)}
-    plans["configurations"][QUICK] = quick
+    quick = adapt_configuration(
+        get_model("plainconvunet"),
+        plans["configurations"]["3d_fullres"],
+        input_channels=1,
+        num_classes=2,
+        num_training_cases=3,
+        preset=TINY,
+    )
+    plans["configurations"][QUICK] = {**quick, PLANS_SETTINGS_KEY: dict(QUICK_TRAINER_SETTINGS)}
     plans_file.write_text(json.dumps(plans, indent=1), encoding="utf-8")
 
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from nnyseg.demo import DEFAULT_DEMO_MODELS, DEMO_MODELS, demo_environment, run_demo
-from nnyseg.planning.planners import PLANNERS
+import nnyseg.trainers
+from nnyseg.demo import DEFAULT_DEMO_MODELS, DEMO_MODELS, cpu_trainer, demo_environment, run_demo
+from nnyseg.registry import list_models
 
 
-def test_demo_models_use_registered_planners():
-    for model in DEMO_MODELS.values():
-        assert model.planner in PLANNERS
-        assert PLANNERS[model.planner].default_plans_name == model.plans
-    assert set(DEFAULT_DEMO_MODELS) <= set(DEMO_MODELS)
-    assert "baseline" in DEFAULT_DEMO_MODELS and len(DEFAULT_DEMO_MODELS) >= 2
+def test_demo_models_are_the_registry_methods_and_train_their_cpu_preset():
+    assert set(DEMO_MODELS) == set(list_models(methods_only=True))
+    assert DEFAULT_DEMO_MODELS == ("nnynet",)  # the flagship
+    for model in DEMO_MODELS:
+        trainer = getattr(nnyseg.trainers, cpu_trainer(model))
+        assert trainer.model == model and trainer.preset == "tiny"
 
 
 def test_environment_points_nnunet_into_the_workdir(tmp_path, monkeypatch):
@@ -40,19 +41,20 @@ def test_unknown_model(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_the_micro_phantom(tmp_path, capsys):
-    results = run_demo(tmp_path / "demo", trainers=["baseline"], preset="micro")
+    results = run_demo(tmp_path / "demo", preset="micro")
     out = capsys.readouterr().out
     workdir = tmp_path / "demo"
-    assert set(results) == {"baseline"}
-    assert results["baseline"]["num_cases"] == 2
-    assert 0.0 <= results["baseline"]["global"]["liver"]["dice"] <= 1.0
-    evaluation = workdir / "evaluation" / "baseline"
+    assert set(results) == {"nnynet"}
+    assert results["nnynet"]["num_cases"] == 2
+    assert 0.0 <= results["nnynet"]["global"]["liver"]["dice"] <= 1.0
+    evaluation = workdir / "evaluation" / "nnynet"
     assert {p.name for p in evaluation.iterdir()} >= {"metrics.json", "per_case.csv", "summary.md"}
-    report = workdir / "report" / "baseline"
+    report = workdir / "report" / "nnynet"
     html = (report / "index.html").read_text(encoding="utf-8")
-    assert all(case in html for case in results["baseline"]["cases"])
+    assert all(case in html for case in results["nnynet"]["cases"])
     pngs = sorted((report / "images").glob("*.png"))
     assert len(pngs) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert (report / "training" / "fold_0.png").is_file()  # nnU-Net's progress.png, linked from the page
-    for shown in (str(report / "index.html"), "nnysegTrainer__nnysegBaselinePlans__3d_fullres_tiny", "mean ± SD"):
+    # the stock commands ran: nnU-Net's own plans, the method trainer's CPU variant
+    for shown in (str(report / "index.html"), "nnYNetTrainer_tiny__nnUNetPlans__3d_fullres", "mean ± SD"):
         assert shown in out

@@ -1,4 +1,4 @@
-"""DiceFocalCELoss against its formula (architectures.md section 2.5), computed by hand in numpy on small tensors."""
+"""DiceFocalCELoss against its formula (docs/losses.md), computed by hand in numpy on small tensors."""
 
 from __future__ import annotations
 

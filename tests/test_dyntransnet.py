@@ -26,7 +26,8 @@ from nnyseg.network_architecture.building_blocks.fusion import (
 )
 from nnyseg.network_architecture.building_blocks.swin import WindowAttention3d
 from nnyseg.network_architecture.dyntransnet import PAPER_ABLATIONS, DynTransNet, vit_strides
-from nnyseg.planning.planners import PLANNERS, DynTransNetPlanner, build_network_for_patch
+from nnyseg.planning.planners import PLANNERS, DynTransNetPlanner
+from nnyseg.registry import get_model
 from nnyseg.trainers.base import check_patch_size_for_network
 
 #: Smallest Swin configuration (window 2, so the dense bias works at 32^3).
@@ -408,7 +409,7 @@ def test_invalid_constructor_arguments(kwargs: dict[str, Any], match: str) -> No
 
 def test_compute_conv_feature_map_size_is_monotonic() -> None:
     sizes = [(32, 32, 32), (32, 32, 64), (32, 64, 64), (64, 64, 64), (64, 64, 96), (96, 96, 96), (128, 128, 128)]
-    _, full = DynTransNetPlanner.topology([1.0, 1.0, 1.0], [128, 128, 128])
+    _, full = get_model("dyntransnet").architecture([1.0, 1.0, 1.0], [128, 128, 128])
     for kwargs in (MICRO, TINY, full["arch_kwargs"]):  # built like the planner does (no init)
         net = DynTransNet(1, 3, True, **kwargs)
         values = [net.compute_conv_feature_map_size(s) for s in sizes]
@@ -468,26 +469,26 @@ def test_vit_default_skips_are_unetr_layers() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- planner
-def test_planner_topology_and_registration() -> None:
+def test_registry_topology_and_planner() -> None:
     assert PLANNERS["DynTransNetPlanner"] is DynTransNetPlanner
-    assert DynTransNetPlanner.default_plans_name == "DynTransNetPlans"
-    patch, arch = DynTransNetPlanner.topology([3.0, 0.75, 0.75], [50, 190, 170])
+    assert DynTransNetPlanner.default_plans_name() == "DynTransNetPlans"
+    patch, arch = get_model("dyntransnet").architecture([3.0, 0.75, 0.75], [50, 190, 170])
     assert patch == [64, 192, 160] and all(p % 32 == 0 for p in patch)
     assert arch["network_class_name"] == "nnyseg.network_architecture.dyntransnet.DynTransNet"
     kwargs = arch["arch_kwargs"]
     assert kwargs["strides"] == STRIDES and kwargs["feature_size"] == 48 and kwargs["window_size"] == 7
     assert (kwargs["dmsa_bias"], kwargs["fusion"], kwargs["residual_module"]) == ("key", "fmm", True)
-    _, tiny = DynTransNetPlanner.topology([1.0, 1.0, 1.0], [32, 64, 64], tiny=True)
+    _, tiny = get_model("dyntransnet").architecture([1.0, 1.0, 1.0], [32, 64, 64], "tiny")
     expected = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
     assert {k: tiny["arch_kwargs"][k] for k in TINY} == expected
     json.dumps(arch)  # plain JSON
 
 
-def test_planner_tiny_network_builds_and_runs() -> None:
-    net, patch, _ = build_network_for_patch(DynTransNetPlanner, [32, 64, 64], tiny=True)
+def test_registry_tiny_network_builds_and_runs() -> None:
+    net, patch, _ = get_model("dyntransnet").build([32, 64, 64], preset="tiny")
     assert isinstance(net, DynTransNet) and patch == [32, 64, 64]
     assert sum(p.numel() for p in net.parameters()) < 5e6
     with torch.no_grad():
         assert_ds_shapes(net.eval()(torch.randn(1, 1, *patch)), tuple(patch))
-    net, patch, _ = build_network_for_patch(DynTransNetPlanner, [40, 64, 70], tiny=True)
+    net, patch, _ = get_model("dyntransnet").build([40, 64, 70], preset="tiny")
     assert patch == [32, 64, 64]

@@ -32,7 +32,7 @@ from nnyseg.trainers.dyntransnet import (
 from tests.conftest import plan_micro_phantom
 
 DATASET_ID = 981
-PLANS = DynTransNetPlanner.default_plans_name
+PLANS = DynTransNetPlanner.default_plans_name()
 SMOKE = "3d_fullres_tiny_smoke"
 
 

@@ -1,11 +1,13 @@
 """End to end through the stock console scripts, in subprocesses, as a user would run them.
 
-phantom -> ``nnyseg plan_and_preprocess`` -> ``nnUNetv2_train`` of two folds of the tiny ELANRes-MSCA-UNet preset with
-``nnysegTrainer`` -> ``nnUNetv2_train --val --npz`` -> ``nnUNetv2_find_best_configuration`` -> ``nnUNetv2_predict``
-with both folds. The subprocesses get nnU-Net's three path variables and nothing nnyseg-specific: the trainer folder
-must reach ``nnUNet_extTrainer`` through the installed start-up hook.
+phantom -> stock ``nnUNetv2_plan_and_preprocess`` (nnU-Net's default plans) -> for each method, its CPU-sized trainer
+through ``nnUNetv2_train`` for folds 0 and 1 -> ``nnUNetv2_find_best_configuration`` -> ``nnUNetv2_predict`` of the
+two-fold ensemble. Then the same for one method on nnU-Net's ResEnc M plans, and nnyseg's own ``-p nnYNetPlans``.
 
-Takes a few minutes on 2 CPU cores (the ``micro`` phantom grid keeps every step small).
+The subprocesses get nnU-Net's three path variables (plus CPU-sized process counts) and nothing nnyseg-specific: the
+trainer folder must reach ``nnUNet_extTrainer`` through the installed start-up hook, and each trainer must build its
+own network from plans that name PlainConvUNet or ResidualEncoderUNet. The one edit to nnU-Net's plans files is a
+1 epoch x 2 iterations schedule (``nnyseg_trainer_settings``), so that nine trainings fit in minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -20,11 +22,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
+
+from nnyseg.registry import PLANS_MODEL_KEY, get_model
+
+from .conftest import QUICK_TRAINER_SETTINGS
 
 pytestmark = pytest.mark.slow
 
 DATASET_ID = 992
-TRAINER, PLANS, CONFIG = "nnysegTrainer", "ELANResMSCAPlans", "3d_fullres_tiny"
+CONFIG = "3d_fullres"
+#: model -> its CPU-sized trainer, and the start of its state-dict keys (proof of the network in the checkpoint).
+METHODS = {
+    "nnynet": ("nnYNetTrainer_tiny", "cross_attention."),
+    "dyntransnet": ("DynTransNetTrainer_tiny", "decoder."),
+    "elanres_msca": ("ELANResMSCATrainer_tiny", "encoder."),
+}
+RESENC = "nnUNetResEncUNetMPlans"
 
 
 def _script(name: str) -> str:
@@ -50,12 +64,123 @@ def workspace(tmp_path_factory):
     return root, env, run
 
 
-@pytest.fixture(scope="module")
-def trained(workspace):
-    root, _env, run = workspace
-    nnyseg = [sys.executable, "-m", "nnyseg.cli"]
+def _dataset_folder(root: Path, kind: str) -> Path:
+    return next((root / kind).glob(f"Dataset{DATASET_ID}_*"))
+
+
+def _quick_schedule(root: Path, plans: str) -> None:
+    path = _dataset_folder(root, "nnUNet_preprocessed") / f"{plans}.json"
+    content = json.loads(path.read_text(encoding="utf-8"))
+    content["configurations"][CONFIG]["nnyseg_trainer_settings"] = dict(QUICK_TRAINER_SETTINGS)
+    path.write_text(json.dumps(content, indent=1), encoding="utf-8")
+
+
+def _train(run, trainer: str, plans: str, folds=("0", "1")) -> list[str]:
+    return [
+        run(
+            _script("nnUNetv2_train"),
+            str(DATASET_ID),
+            CONFIG,
+            f,
+            "-tr",
+            trainer,
+            "-p",
+            plans,
+            "-device",
+            "cpu",
+            "--npz",
+        )
+        for f in folds
+    ]
+
+
+def _find_best_and_predict(root: Path, run, trainers: list[str], plans: str, out: Path, folds=("0", "1")) -> None:
     run(
-        *nnyseg,
+        _script("nnUNetv2_find_best_configuration"),
+        str(DATASET_ID),
+        "-c",
+        CONFIG,
+        "-tr",
+        *trainers,
+        "-p",
+        plans,
+        "-f",
+        *folds,
+        "-np",
+        "2",
+    )
+    instructions = (_dataset_folder(root, "nnUNet_results") / "inference_instructions.txt").read_text(encoding="utf-8")
+    assert "nnUNetv2_predict" in instructions and plans in instructions
+    raw = _dataset_folder(root, "nnUNet_raw")
+    for trainer in trainers:
+        run(
+            _script("nnUNetv2_predict"),
+            "-i",
+            str(raw / "imagesTs"),
+            "-o",
+            str(out / trainer),
+            "-d",
+            str(DATASET_ID),
+            "-c",
+            CONFIG,
+            "-tr",
+            trainer,
+            "-p",
+            plans,
+            "-f",
+            *folds,
+            "-device",
+            "cpu",
+            "-npp",
+            "0",
+            "-nps",
+            "0",
+            "--disable_tta",
+        )
+
+
+def _check_model(root: Path, model: str, trainer: str, plans: str, prefix: str, folds=(0, 1)) -> dict:
+    """The results folder holds ``model``'s network: in its plans.json and in every fold's checkpoint."""
+    folder = _dataset_folder(root, "nnUNet_results") / f"{trainer}__{plans}__{CONFIG}"
+    saved = json.loads((folder / "plans.json").read_text(encoding="utf-8"))["configurations"][CONFIG]
+    assert saved["architecture"]["network_class_name"] == get_model(model).network_class_name
+    assert saved[PLANS_MODEL_KEY]["preset"] == "tiny"
+    for fold in folds:
+        checkpoint = torch.load(
+            folder / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False
+        )
+        assert checkpoint["trainer_name"] == trainer
+        keys = list(checkpoint["network_weights"])
+        assert any(k.startswith(prefix) for k in keys), keys[:5]
+        assert not any(k.startswith("encoder.stages.0.0.convs") for k in keys)  # not PlainConvUNet's layout
+        log = next((folder / f"fold_{fold}").glob("training_log_*.txt")).read_text(encoding="utf-8")
+        assert f"network {saved[PLANS_MODEL_KEY]['adapted_from']['network_class_name'].rsplit('.', 1)[-1]} ->" in log
+        assert list((folder / f"fold_{fold}" / "validation").glob("*.npz")), "--npz must write probabilities"
+    return saved
+
+
+def _check_predictions(root: Path, out: Path) -> None:
+    raw = _dataset_folder(root, "nnUNet_raw")
+    images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
+    assert len(images) == 2
+    for image_path in images:
+        pred_path = out / image_path.name.replace("_0000.nii.gz", ".nii.gz")
+        assert pred_path.is_file()
+        image, pred = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(pred_path))
+        assert pred.GetSize() == image.GetSize()
+        np.testing.assert_allclose(pred.GetSpacing(), image.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(pred.GetOrigin(), image.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(pred.GetDirection(), image.GetDirection(), atol=1e-6)
+        assert set(np.unique(sitk.GetArrayFromImage(pred)).tolist()) <= {0, 1, 2}
+
+
+@pytest.fixture(scope="module")
+def planned(workspace):
+    root, _env, run = workspace
+    run(
+        sys.executable,
+        "-m",
+        "nnyseg.cli",
         "phantom",
         "-d",
         str(DATASET_ID),
@@ -68,87 +193,82 @@ def trained(workspace):
         "--direction",
         "oblique",
     )
+    run(_script("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", CONFIG, "-npfp", "2", "-np", "2")
+    _quick_schedule(root, "nnUNetPlans")
+    return root
+
+
+def test_stock_commands_train_each_method_and_ensemble_two_folds(planned, workspace):
+    root, _env, run = workspace
+    preprocessed = _dataset_folder(root, "nnUNet_preprocessed")
+
+    def data_snapshot() -> dict:
+        return {
+            str(p.relative_to(preprocessed)): p.stat().st_mtime_ns
+            for p in preprocessed.rglob("*")
+            if p.is_dir() or p.parent != preprocessed
+        }  # the data folders; splits_final.json is written by training
+
+    data_before = data_snapshot()
+    trainers = []
+    for model, (trainer, prefix) in METHODS.items():
+        _train(run, trainer, "nnUNetPlans")
+        _check_model(root, model, trainer, "nnUNetPlans", prefix)
+        trainers.append(trainer)
+    assert data_snapshot() == data_before  # nothing was preprocessed again
+    out = root / "predictions"
+    _find_best_and_predict(root, run, trainers, "nnUNetPlans", out)
+    for trainer in trainers:
+        _check_predictions(root, out / trainer)
+
+
+def test_resenc_m_plans(planned, workspace):
+    root, _env, run = workspace
     run(
-        *nnyseg,
+        _script("nnUNetv2_plan_and_preprocess"),
+        "-d",
+        str(DATASET_ID),
+        "-c",
+        CONFIG,
+        "-pl",
+        "nnUNetPlannerResEncM",
+        "--no_pp",
+        "-npfp",
+        "2",
+    )  # ResEnc M shares nnU-Net's 3d_fullres data
+    _quick_schedule(root, RESENC)
+    trainer = "ELANResMSCATrainer_tiny"
+    _train(run, trainer, RESENC)
+    saved = _check_model(root, "elanres_msca", trainer, RESENC, "encoder.")
+    assert saved[PLANS_MODEL_KEY]["adapted_from"]["network_class_name"].endswith("ResidualEncoderUNet")
+    out = root / "predictions_resenc"
+    _find_best_and_predict(root, run, [trainer], RESENC, out)
+    _check_predictions(root, out / trainer)
+
+
+def test_nnyseg_own_plans_still_work(planned, workspace):
+    root, _env, run = workspace
+    run(
+        sys.executable,
+        "-m",
+        "nnyseg.cli",
         "plan_and_preprocess",
         "-d",
         str(DATASET_ID),
         "-pl",
-        "ELANResMSCAPlanner",
-        "-c",
-        "3d_fullres",
+        "nnYNetPlanner",
+        "--no_pp",
         "-npfp",
         "2",
-        "-np",
-        "2",
-        "--verify_dataset_integrity",
-    )
-    for fold in ("0", "1"):
-        run(_script("nnUNetv2_train"), str(DATASET_ID), CONFIG, fold, "-tr", TRAINER, "-p", PLANS, "-device", "cpu")
-        run(
-            _script("nnUNetv2_train"),
-            str(DATASET_ID),
-            CONFIG,
-            fold,
-            "-tr",
-            TRAINER,
-            "-p",
-            PLANS,
-            "-device",
-            "cpu",
-            "--val",
-            "--npz",
-        )
-    return root
-
-
-def _dataset_folder(root: Path, kind: str) -> Path:
-    return next((root / kind).glob(f"Dataset{DATASET_ID}_*"))
-
-
-def test_plans_written_by_nnyseg_planner(trained):
-    plans = json.loads((_dataset_folder(trained, "nnUNet_preprocessed") / f"{PLANS}.json").read_text(encoding="utf-8"))
-    tiny = plans["configurations"][CONFIG]
-    assert plans["experiment_planner_used"] == "ELANResMSCAPlanner"
-    assert tiny["architecture"]["network_class_name"] == "nnyseg.network_architecture.elanres_msca_unet.ELANResMSCAUNet"
-    assert tiny["inherits_from"] == "3d_fullres"
-
-
-def test_training_outputs_per_fold(trained):
-    model = _dataset_folder(trained, "nnUNet_results") / f"{TRAINER}__{PLANS}__{CONFIG}"
-    for fold in (0, 1):
-        folder = model / f"fold_{fold}"
-        assert (folder / "checkpoint_final.pth").is_file()
-        summary = json.loads((folder / "validation" / "summary.json").read_text(encoding="utf-8"))
-        assert set(summary["mean"]) == {"(1, 2)", "2"}  # region-based: liver incl. tumour, and tumour
-        assert list((folder / "validation").glob("*.npz")), "--val --npz must write probabilities"
-        log = next(folder.glob("training_log_*.txt")).read_text(encoding="utf-8")
-        assert "nnyseg trainer settings" in log and "'num_epochs': 10" in log
-
-
-def test_find_best_configuration_and_predict(trained, workspace):
-    root, _env, run = workspace
-    run(
-        _script("nnUNetv2_find_best_configuration"),
-        str(DATASET_ID),
-        "-c",
-        CONFIG,
-        "-tr",
-        TRAINER,
-        "-p",
-        PLANS,
-        "-f",
-        "0",
-        "1",
-        "-np",
-        "2",
-    )
-    results = _dataset_folder(root, "nnUNet_results")
-    instructions = (results / "inference_instructions.txt").read_text(encoding="utf-8")
-    assert f"-tr {TRAINER}" in instructions and f"-p {PLANS}" in instructions
-
+    )  # the data are nnU-Net's 3d_fullres data
+    plans = json.loads((_dataset_folder(root, "nnUNet_preprocessed") / "nnYNetPlans.json").read_text(encoding="utf-8"))
+    assert plans["configurations"][CONFIG]["data_identifier"] == "nnUNetPlans_3d_fullres"
+    _quick_schedule(root, "nnYNetPlans")
+    trainer = "nnYNetTrainer_tiny"
+    _train(run, trainer, "nnYNetPlans", folds=("0",))
+    _check_model(root, "nnynet", trainer, "nnYNetPlans", "cross_attention.", folds=(0,))
+    out = root / "predictions_nnynetplans"
     raw = _dataset_folder(root, "nnUNet_raw")
-    out = root / "predictions"
     run(
         _script("nnUNetv2_predict"),
         "-i",
@@ -160,12 +280,11 @@ def test_find_best_configuration_and_predict(trained, workspace):
         "-c",
         CONFIG,
         "-tr",
-        TRAINER,
+        trainer,
         "-p",
-        PLANS,
+        "nnYNetPlans",
         "-f",
         "0",
-        "1",
         "-device",
         "cpu",
         "-npp",
@@ -174,16 +293,4 @@ def test_find_best_configuration_and_predict(trained, workspace):
         "0",
         "--disable_tta",
     )
-    images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
-    assert len(images) == 2
-    for image_path in images:
-        pred_path = out / image_path.name.replace("_0000.nii.gz", ".nii.gz")
-        assert pred_path.is_file()
-        image, pred = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(pred_path))
-        assert pred.GetSize() == image.GetSize()
-        np.testing.assert_allclose(pred.GetSpacing(), image.GetSpacing(), atol=1e-5)
-        np.testing.assert_allclose(pred.GetOrigin(), image.GetOrigin(), atol=1e-4)
-        np.testing.assert_allclose(pred.GetDirection(), image.GetDirection(), atol=1e-6)
-        labels = set(np.unique(sitk.GetArrayFromImage(pred)).tolist())
-        assert labels <= {0, 1, 2}
-        assert 1 in labels, "a trained model should find some liver"
+    _check_predictions(root, out)

@@ -1,4 +1,4 @@
-"""nnYNetTrainer: the recipe of architectures.md 2.5/2.6 and the clinical plumbing of 2.4, on a micro phantom.
+"""nnYNetTrainer: the recipe (docs/nnynet.md) and the clinical plumbing of the Y branch, on a micro phantom.
 
 The module fixture writes a 5-case micro phantom, plans it with nnYNetPlanner and preprocesses 3d_fullres in-process.
 Derived plans configurations inherit the tiny preset and shorten training to 1 epoch x 2 iterations x 1 validation
@@ -21,11 +21,7 @@ from nnyseg.data.clinical import ClinicalNormalisation, dataset_case_ids, load_c
 from nnyseg.losses.dice_focal_ce import DiceFocalCELoss
 from nnyseg.planning.planners import TINY_CONFIGURATION, nnYNetPlanner
 from nnyseg.trainers.base import PLANS_SETTINGS_KEY
-from nnyseg.trainers.nnynet import (
-    CLINICAL_NORMALISATION_FILE,
-    add_clinical_configuration,
-    nnYNetTrainer,
-)
+from nnyseg.trainers.nnynet import CLINICAL_NORMALISATION_FILE, nnYNetTrainer
 from tests.conftest import QUICK_TRAINER_SETTINGS, plan_micro_phantom
 
 DATASET_ID = 994
@@ -71,6 +67,15 @@ def workspace(tmp_path_factory):
     yield {"root": root, "raw": raw, "plans": plans, "dataset_json": dataset_json, "ids": ids}
     torch.set_num_threads(threads)
     mp.undo()
+
+
+def add_clinical_configuration(plans: dict, schema: list, *, base_configuration: str, name: str | None = None) -> str:
+    """A clinical-mode copy of a configuration (the table was added after planning; a user would re-plan)."""
+    name = name or f"{base_configuration}_clinical"
+    architecture = deepcopy(plans["configurations"][base_configuration]["architecture"])
+    architecture["arch_kwargs"].update(cross_attention="clinical", clinical_schema=schema)
+    plans["configurations"][name] = {"inherits_from": base_configuration, "architecture": architecture}
+    return name
 
 
 def make_trainer(ws: dict, configuration: str, plans: dict | None = None, fold: int = 0) -> nnYNetTrainer:
@@ -207,19 +212,6 @@ def test_clinical_mode_without_a_table_or_with_another_schema_is_a_clear_error(w
     trainer = make_trainer(workspace, "swapped", plans)
     with pytest.raises(ValueError, match=r"clinical schema of plans 'nnYNetPlans', configuration 'swapped'"):
         trainer.initialize()
-
-
-def test_add_clinical_configuration_validates(workspace):
-    plans = deepcopy(workspace["plans"])
-    with pytest.raises(ValueError, match="no configuration 'nope'"):
-        add_clinical_configuration(plans, SCHEMA, base_configuration="nope")
-    with pytest.raises(ValueError, match="at least one clinical field"):
-        add_clinical_configuration(plans, [], base_configuration=TINY_CONFIGURATION)
-    name = add_clinical_configuration(plans, SCHEMA, base_configuration=TINY_CONFIGURATION, name="c")
-    arch = plans["configurations"][name]["architecture"]
-    base = plans["configurations"][TINY_CONFIGURATION]["architecture"]
-    assert arch["arch_kwargs"] == {**base["arch_kwargs"], "cross_attention": "clinical", "clinical_schema": SCHEMA}
-    assert base["arch_kwargs"]["cross_attention"] == "latent"  # the base configuration is untouched
 
 
 # ---------------------------------------------------------------------------------------------- real training runs

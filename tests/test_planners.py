@@ -1,4 +1,6 @@
-"""Planners: nnU-Net's fingerprint planning, then each architecture's constraints; the tiny preset; plans docs."""
+"""Planners: nnU-Net's fingerprint planning, then each model's configuration from the registry; the CPU preset; the
+generated ``plans/`` pages. (That a planner's configuration equals what a trainer derives from nnU-Net's default plans
+is tested in test_nnunet_integration.py.)"""
 
 from __future__ import annotations
 
@@ -16,14 +18,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnyseg.data.phantom import write_nnunet_dataset
 from nnyseg.planning import plan_and_preprocess as pp
 from nnyseg.planning.describe import describe
-from nnyseg.planning.planners import (
-    PLANNERS,
-    TINY_CONFIGURATION,
-    ELANResMSCAPlanner,
-    build_network_for_patch,
-    nnYNetPlanner,
-    nnysegBaselinePlanner,
-)
+from nnyseg.planning.planners import PLANNERS, TINY_CONFIGURATION, ELANResMSCAPlanner, nnYNetPlanner
+from nnyseg.registry import TINY, get_model, list_models
 from nnyseg.trainers.base import PLANS_SETTINGS_KEY, resolve_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,15 +48,6 @@ def _plan(planner_cls, **kwargs) -> dict:
     return planner.plans
 
 
-def test_baseline_3d_fullres_is_exactly_nnunets_default(fingerprinted):
-    default = ExperimentPlanner(DATASET_ID)
-    default.plan_experiment()
-    ours = _plan(nnysegBaselinePlanner)
-    assert ours["configurations"]["3d_fullres"] == default.plans["configurations"]["3d_fullres"]
-    assert "2d" in ours["configurations"]
-    assert ours["plans_name"] == "nnysegBaselinePlans"
-
-
 @pytest.mark.parametrize("planner_cls", [ELANResMSCAPlanner, nnYNetPlanner])
 def test_architecture_plans_keep_nnunets_preprocessing(fingerprinted, planner_cls):
     default = ExperimentPlanner(DATASET_ID)
@@ -72,7 +59,7 @@ def test_architecture_plans_keep_nnunets_preprocessing(fingerprinted, planner_cl
         assert cfg[key] == ref[key], key
     assert cfg["data_identifier"] == "nnUNetPlans_3d_fullres"
     assert "2d" not in plans["configurations"]
-    assert cfg["architecture"]["network_class_name"] == planner_cls.network_class_name
+    assert cfg["architecture"]["network_class_name"] == planner_cls.spec().network_class_name
     assert cfg["batch_size"] >= 2
     assert plans["nnyseg"]["planner"] == planner_cls.__name__
     strides = np.prod(np.array(cfg["architecture"]["arch_kwargs"]["strides"]), axis=0)
@@ -86,7 +73,7 @@ def test_nnynet_patch_is_multiple_of_32_with_isotropic_pooling(fingerprinted):
 
 
 def test_smaller_memory_target_shrinks_the_patch(fingerprinted):
-    # nnU-Net's rule: while the network's estimate exceeds the reference, shrink the patch. A tiny target forces it.
+    # The budget is nnU-Net's reference for the planner's GPU target: a tiny target forces a smaller patch.
     big = _plan(ELANResMSCAPlanner)["configurations"]["3d_fullres"]["patch_size"]
     small = _plan(ELANResMSCAPlanner, gpu_memory_target_in_gb=0.05)["configurations"]["3d_fullres"]["patch_size"]
     assert np.prod(small) < np.prod(big)
@@ -96,8 +83,7 @@ def test_smaller_memory_target_shrinks_the_patch(fingerprinted):
 def test_tiny_preset_builds_and_runs_through_nnunets_plans_handling(fingerprinted, planner_cls):
     plans = _plan(planner_cls)
     tiny = plans["configurations"][TINY_CONFIGURATION]
-    assert tiny["inherits_from"] == "3d_fullres"
-    assert np.prod(tiny["patch_size"]) <= planner_cls.tiny_max_patch_voxels
+    assert np.prod(tiny["patch_size"]) <= planner_cls.spec().preset(TINY).max_patch_voxels
     resolve_settings(
         {
             "num_epochs": 1000,
@@ -129,21 +115,12 @@ def test_tiny_preset_builds_and_runs_through_nnunets_plans_handling(fingerprinte
 
 
 def test_anisotropic_topologies():
-    patch, arch = ELANResMSCAPlanner.topology([3.0, 0.75, 0.75], [48, 192, 192])
+    patch, arch = get_model("elanres_msca").architecture([3.0, 0.75, 0.75], [48, 192, 192])
     strides = arch["arch_kwargs"]["strides"]
     assert strides[1] == [1, 2, 2]  # in-plane pooling first on thick slices, as nnU-Net plans it
     assert arch["arch_kwargs"]["kernel_sizes"][0] == [1, 3, 3]
-    patch, arch = nnYNetPlanner.topology([3.0, 0.75, 0.75], [50, 190, 170])
+    patch, arch = get_model("nnynet").architecture([3.0, 0.75, 0.75], [50, 190, 170])
     assert patch == [64, 192, 160]
-
-
-def test_planner_lookup_wrapper_is_scoped():
-    from nnunetv2.experiment_planning import plan_and_preprocess_api as api
-
-    original = api.recursive_find_python_class
-    with pp.nnyseg_planners_visible():
-        assert api.recursive_find_python_class("x", "nnYNetPlanner", "y") is nnYNetPlanner
-    assert api.recursive_find_python_class is original
 
 
 def test_unknown_planner_is_a_clear_error(fingerprinted):
@@ -151,18 +128,18 @@ def test_unknown_planner_is_a_clear_error(fingerprinted):
         pp.main(["-d", str(DATASET_ID), "-pl", "NoSuchPlanner", "--no_pp"])
 
 
-def test_build_network_for_patch_adjusts_to_constraints():
-    net, patch, _ = build_network_for_patch(nnYNetPlanner, [40, 64, 70], tiny=True)
+def test_model_build_adjusts_to_constraints():
+    net, patch, _ = get_model("nnynet").build([40, 64, 70], preset=TINY)
     assert patch == [32, 64, 64]
     with pytest.raises(ValueError, match="32"):
         net(torch.zeros(1, 1, 40, 64, 64))
 
 
-@pytest.mark.parametrize("planner_cls", list(PLANNERS.values()))
-def test_plans_docs_are_up_to_date(planner_cls):
-    path = REPO / "plans" / f"{planner_cls.default_plans_name}.md"
+@pytest.mark.parametrize("model", list_models(methods_only=True))
+def test_plans_docs_are_up_to_date(model):
+    path = REPO / "plans" / f"{model}.md"
     assert path.is_file(), f"run `python -m nnyseg.planning.describe` to write {path}"
-    assert path.read_text(encoding="utf-8") == describe(planner_cls), (
+    assert path.read_text(encoding="utf-8") == describe(get_model(model)), (
         f"{path} is stale: run `python -m nnyseg.planning.describe`"
     )
 

@@ -53,10 +53,10 @@ def test_patch_check_for_conv_unet():
 def test_trainer_rejects_a_plans_patch_the_network_cannot_take():
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnyseg.planning.planners import nnYNetPlanner
+    from nnyseg.registry import get_model
     from nnyseg.trainers.base import nnysegTrainer
 
-    patch, architecture = nnYNetPlanner.topology([1.0, 1.0, 1.0], [32, 64, 64], tiny=True)
+    patch, architecture = get_model("nnynet").architecture([1.0, 1.0, 1.0], [32, 64, 64], "tiny")
     configuration = {"patch_size": patch, "architecture": architecture, "batch_size": 2, "spacing": [1, 1, 1]}
     plans = {"plans_name": "nnYNetPlans", "configurations": {"3d_fullres_tiny": configuration}}
     cm = PlansManager(plans).get_configuration("3d_fullres_tiny")

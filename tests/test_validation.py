@@ -122,7 +122,7 @@ def test_plan_and_preprocess_rejects_bad_dataset_before_nnunet(nnunet_env, capsy
     label[0, 0, 0] = 3
     write_image(folder / "labelsTr" / "case_000.nii.gz", label)
     before = tree_digest(folder)
-    assert cli_main(["plan_and_preprocess", "-d", "990", "-pl", "nnysegBaselinePlanner"]) == 2
+    assert cli_main(["plan_and_preprocess", "-d", "990", "-pl", "nnYNetPlanner"]) == 2
     assert "label values [3]" in capsys.readouterr().err
     assert tree_digest(folder) == before
     assert not any(nnunet_env["nnUNet_preprocessed"].iterdir())

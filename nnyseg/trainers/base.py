@@ -1,14 +1,20 @@
-"""The trainer every nnyseg method derives from.
+"""The trainers every nnyseg method derives from.
 
 nnU-Net identifies a trained model by ``<trainer>__<plans>__<configuration>``. nnyseg keeps one trainer class per
 method and reads every hyperparameter from a settings dict instead of growing one subclass per value:
 
 * the class attribute :attr:`nnysegTrainer.settings` holds the method's recipe (a subclass only sets this dict and
   overrides the hooks its method needs: loss, optimiser);
-* a configuration in the plans may override entries under the key ``"nnyseg_trainer_settings"``. The tiny CPU preset
-  (configuration ``3d_fullres_tiny``) uses this for its short schedule. Because the configuration name is part of
-  the results folder, every run stays identifiable, which is the reason nnU-Net gives for not reading
-  hyperparameters from the command line.
+* a configuration in the plans may override entries under the key ``"nnyseg_trainer_settings"``. Because the
+  configuration name is part of the results folder, every run stays identifiable, which is the reason nnU-Net gives
+  for not reading hyperparameters from the command line.
+
+:class:`nnysegTrainer` trains whatever network the plans name. :class:`nnysegMethodTrainer` trains its method's
+network from any plans: :attr:`~nnysegMethodTrainer.model` names the registry entry and
+:attr:`~nnysegMethodTrainer.preset` its size; a configuration that does not hold that network is adapted to it
+(``nnyseg.nnunet_integration.adapt_trainer_configuration``, rule in ``docs/stock-flow.md``) before any data is
+loaded. A ``_tiny`` variant only sets ``preset = "tiny"``: the CPU-sized network and its short schedule, for demos
+and tests.
 
 The network is built from the plans as in nnU-Net, and its patch size is checked against what the network can
 take before any data is loaded, so a bad plans edit fails with a message naming the plans and configuration.
@@ -20,7 +26,7 @@ import inspect
 import random
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,8 +35,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-#: Key of a plans configuration under which per-configuration trainer overrides live.
-PLANS_SETTINGS_KEY = "nnyseg_trainer_settings"
+from nnyseg.nnunet_integration import adapt_trainer_configuration, check_nnunet_version
+from nnyseg.registry import FULL, PLANS_SETTINGS_KEY, AdaptationError, get_model, model_for_network
+
+check_nnunet_version()
 
 #: nnU-Net's own recipe (``nnUNetTrainer.__init__`` and ``configure_optimizers`` in nnunetv2 2.8).
 NNUNET_DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType(
@@ -147,9 +155,10 @@ class nnysegTrainer(nnUNetTrainer):
         device: torch.device = torch.device("cuda"),  # noqa: B008 - the signature must match nnUNetTrainer's
     ):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.adapt_plans()
         overrides = self.configuration_manager.configuration.get(PLANS_SETTINGS_KEY)
         source = f"plans '{self.plans_manager.plans_name}', configuration '{configuration}'"
-        self.resolved_settings = resolve_settings(type(self).settings, overrides, source=source)
+        self.resolved_settings = resolve_settings(self.default_settings(), overrides, source=source)
         type(self).check_settings(self.resolved_settings, source)
         for name in _NNUNET_ATTRIBUTES:
             setattr(self, name, self.resolved_settings[name])
@@ -161,6 +170,14 @@ class nnysegTrainer(nnUNetTrainer):
             np.random.seed(seed)
             torch.manual_seed(seed)
         self.print_to_log_file(f"nnyseg trainer settings ({type(self).__name__}): {self.resolved_settings}")
+
+    def adapt_plans(self) -> None:
+        """Hook run right after nnU-Net's ``__init__``, before the settings are read: the plans are used as given."""
+
+    @classmethod
+    def default_settings(cls) -> dict[str, Any]:
+        """The settings before the plans' overrides: the class's :attr:`settings`."""
+        return dict(cls.settings)
 
     @classmethod
     def check_settings(cls, settings: Mapping[str, Any], source: str) -> None:
@@ -218,6 +235,61 @@ class nnysegTrainer(nnUNetTrainer):
         else:
             scheduler = _EpochStepLR(optimizer, step_size=self.num_epochs + 1, gamma=1.0)
         return optimizer, scheduler
+
+
+class nnysegMethodTrainer(nnysegTrainer):
+    """A trainer that always trains its method's network, from whatever plans it is given.
+
+    Subclasses set :attr:`model` (a key of :data:`nnyseg.registry.MODELS`) and the recipe in :attr:`settings`; the
+    ``_tiny`` variants set :attr:`preset` only. Given nnU-Net's default plans, a ResEnc preset or nnyseg's own plans,
+    the trainer derives its configuration (see :func:`nnyseg.nnunet_integration.adapt_trainer_configuration`), logs
+    the change in one line and writes it into the plans nnU-Net saves with the model. A 2D configuration, or one whose
+    memory budget no patch of the network fits, stops here with one message naming plans, configuration and the way
+    out, before any data is loaded.
+    """
+
+    #: Registry key of the method's network.
+    model: ClassVar[str] = ""
+    #: Registry preset: ``"full"`` (the method's size) or ``"tiny"`` (CPU-sized, for demos and tests only).
+    preset: ClassVar[str] = FULL
+
+    def adapt_plans(self) -> None:
+        try:
+            adapt_trainer_configuration(self, self.model, self.preset)
+        except AdaptationError as err:
+            # The trainer is built by nnUNetv2_train: one message, not a traceback.
+            raise SystemExit(f"nnyseg: {err}") from err
+
+    @classmethod
+    def default_settings(cls) -> dict[str, Any]:
+        """The recipe, with the preset's schedule (the CPU preset's short run) on top."""
+        return {**cls.settings, **get_model(cls.model).preset(cls.preset).trainer_settings}
+
+    @classmethod
+    def build_network_architecture(
+        cls,
+        plans_manager: PlansManager,
+        configuration_manager: ConfigurationManager,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ) -> nn.Module:
+        """Build the network the plans name, which must be the method's (the trainer wrote it there when adapting).
+
+        Raises:
+            ValueError: The plans name another network (for example a hand-edited results-folder ``plans.json``).
+        """
+        spec = get_model(cls.model)
+        named = configuration_manager.network_arch_class_name
+        if model_for_network(named) is not spec:
+            raise ValueError(
+                f"{cls.__name__} trains {spec.network_class.__name__}, but plans '{plans_manager.plans_name}' name "
+                f"{named} for this configuration; train with {cls.__name__} (which adapts any plans), or predict "
+                "with the trainer that made this model"
+            )
+        return super().build_network_architecture(
+            plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision
+        )
 
 
 class _EpochStepLR(torch.optim.lr_scheduler.StepLR):

@@ -1,11 +1,12 @@
-"""DynTransNet trainers: the paper's recipe and nnU-Net's native recipe (architectures.md sections 3.4 and 3.5).
+"""DynTransNet trainers: the paper's recipe and nnU-Net's native recipe (docs/dyntransnet.md).
 
 Zheng et al., "DynTransNet: Dynamic Transformer Network with multi-scale attention for liver cancer segmentation",
 Front. Oncol. 15:1569083 (2025). Table 1 of the paper gives the whole training recipe: Adam, learning rate 1e-4,
 DiceLoss, 300 epochs, batch size 2; the output is a 1x1x1 convolution followed by a sigmoid. Neither a learning-rate
 schedule, weight decay nor deep supervision is mentioned.
 
-:class:`DynTransNetTrainer` (the spec's ``..._Paper`` variant) maps that recipe onto nnU-Net:
+:class:`DynTransNetTrainer` maps that recipe onto nnU-Net (and, like every method trainer, trains DynTransNet from any
+plans, docs/stock-flow.md; the ``_tiny`` variants train the CPU preset):
 
 * Adam (``torch.optim.Adam``), lr 1e-4, weight decay 0 (PyTorch's default; the paper names none), constant learning
   rate (``lr_schedule="constant"``);
@@ -45,7 +46,8 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.helpers import softmax_helper_dim1
 from torch import nn
 
-from nnyseg.trainers.base import NNUNET_DEFAULT_SETTINGS, nnysegTrainer
+from nnyseg.registry import TINY
+from nnyseg.trainers.base import NNUNET_DEFAULT_SETTINGS, nnysegMethodTrainer
 
 __all__ = [
     "LOSSES",
@@ -53,6 +55,8 @@ __all__ = [
     "PAPER_EPOCHS",
     "DynTransNetTrainer",
     "DynTransNetTrainer_nnUNet",
+    "DynTransNetTrainer_nnUNet_tiny",
+    "DynTransNetTrainer_tiny",
     "build_dice_loss",
     "deep_supervision_weights",
     "iteration_budget",
@@ -178,13 +182,14 @@ def iteration_budget(
     }
 
 
-class DynTransNetTrainer(nnysegTrainer):
+class DynTransNetTrainer(nnysegMethodTrainer):
     """DynTransNet's paper recipe (Table 1) in nnU-Net: Adam 1e-4, constant lr, Dice loss on sigmoid regions, no DS.
 
     See the module docstring for the mapping and :attr:`settings` for the values. The extra setting ``"loss"``
     selects ``"dice"`` (this recipe) or ``"nnunet"`` (nnU-Net's DC + CE / DC + BCE, :class:`DynTransNetTrainer_nnUNet`).
     """
 
+    model = "dyntransnet"
     settings: Mapping[str, Any] = MappingProxyType(
         {
             **NNUNET_DEFAULT_SETTINGS,
@@ -266,3 +271,15 @@ class DynTransNetTrainer_nnUNet(DynTransNetTrainer):
             "loss": "nnunet",
         }
     )
+
+
+class DynTransNetTrainer_tiny(DynTransNetTrainer):
+    """CPU demo/test variant: the CPU-sized DynTransNet and a short schedule (never for real data)."""
+
+    preset = TINY
+
+
+class DynTransNetTrainer_nnUNet_tiny(DynTransNetTrainer_nnUNet):
+    """CPU demo/test variant of :class:`DynTransNetTrainer_nnUNet` (never for real data)."""
+
+    preset = TINY

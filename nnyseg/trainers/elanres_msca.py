@@ -1,10 +1,13 @@
-"""Trainers of ELANRes-MSCA-UNet (architectures.md section 4): the paper's recipe and nnU-Net's native recipe.
+"""Trainers of ELANRes-MSCA-UNet: the paper's recipe and nnU-Net's native recipe (docs/elanres_msca.md).
 
-:class:`ELANResMSCATrainer` trains the paper's recipe (section 4.1 [S], filled in by section 4.4 [P]): Adam at
+:class:`ELANResMSCATrainer` trains the paper's recipe (where the paper is silent, docs/elanres_msca.md says what was
+chosen and why): Adam at
 lr 1e-4 reduced by 20 % every 30 epochs, HybridLoss1 (soft Dice + BCE, 1:1), deep supervision with the full-resolution
 output at weight 1 and the next three at ``alpha_e = 0.4 * 0.8 ** floor(e / 30)``, 300 epochs of 250 iterations,
-the batch size from the plans. :class:`ELANResMSCATrainer_nnUNet` trains the same network with nnU-Net's own recipe
-(SGD + poly, nnU-Net's Dice + CE or Dice + BCE, nnU-Net's deep-supervision weights, 1000 epochs).
+the batch size from the plans. Like every method trainer it trains ELANRes-MSCA-UNet from any plans
+(docs/stock-flow.md); the ``_tiny`` variants train the CPU preset. :class:`ELANResMSCATrainer_nnUNet` trains the
+same network with nnU-Net's own recipe (SGD + poly, nnU-Net's Dice + CE or Dice + BCE, nnU-Net's deep-supervision
+weights, 1000 epochs).
 
 Both build the network switched to its fused inference form whenever nnU-Net asks for it without deep supervision,
 which is what ``nnUNetPredictor`` does before loading each fold's weights: prediction with a trained model runs the
@@ -36,18 +39,25 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 from nnyseg.losses.hybrid import LOSS_NAMES, decaying_deep_supervision_weights, make_loss
-from nnyseg.trainers.base import NNUNET_DEFAULT_SETTINGS, nnysegTrainer
+from nnyseg.registry import TINY
+from nnyseg.trainers.base import NNUNET_DEFAULT_SETTINGS, nnysegMethodTrainer
 
-__all__ = ["ELANRES_PAPER_SETTINGS", "ELANResMSCATrainer", "ELANResMSCATrainer_nnUNet"]
+__all__ = [
+    "ELANRES_PAPER_SETTINGS",
+    "ELANResMSCATrainer",
+    "ELANResMSCATrainer_nnUNet",
+    "ELANResMSCATrainer_nnUNet_tiny",
+    "ELANResMSCATrainer_tiny",
+]
 
-#: The paper's recipe (architectures.md 4.1 [S], 4.4 [P]); keys after ``lr_step_gamma`` are this trainer's own.
+#: The paper's recipe (docs/elanres_msca.md, "Training recipe"); keys after ``lr_step_gamma`` are this trainer's own.
 ELANRES_PAPER_SETTINGS: Mapping[str, Any] = MappingProxyType(
     {
         **NNUNET_DEFAULT_SETTINGS,
-        "num_epochs": 300,  # [P]: the paper gives none; the lineage code trains 200
+        "num_epochs": 300,  # the paper gives none; the reference pipeline trains 200
         "optimizer": "adam",
         "initial_lr": 1e-4,
-        "weight_decay": 0.0,  # [P]: the paper names none; the lineage code uses Adam's default (none)
+        "weight_decay": 0.0,  # the paper names none; the reference pipeline uses Adam's default (none)
         "lr_schedule": "step",  # "reduced by 20 % every 30 epochs"
         "lr_step_size": 30,
         "lr_step_gamma": 0.8,
@@ -78,7 +88,7 @@ def _unwrap(network: nn.Module) -> nn.Module:
     return network
 
 
-class ELANResMSCATrainer(nnysegTrainer):
+class ELANResMSCATrainer(nnysegMethodTrainer):
     """ELANRes-MSCA-UNet with the paper's recipe; prediction runs the fused (re-parameterised) network.
 
     Recipe (:data:`ELANRES_PAPER_SETTINGS`): Adam, lr 1e-4, no weight decay, lr x 0.8 every 30 epochs, 300 epochs x
@@ -87,6 +97,7 @@ class ELANResMSCATrainer(nnysegTrainer):
     from the plans. nnU-Net's gradient clipping (norm 12) and augmentation are kept.
     """
 
+    model = "elanres_msca"
     settings: Mapping[str, Any] = ELANRES_PAPER_SETTINGS
 
     @classmethod
@@ -109,8 +120,9 @@ class ELANResMSCATrainer(nnysegTrainer):
         if not isinstance(settings["dice_squared"], bool):
             raise ValueError(f"{source}: dice_squared must be true or false, got {settings['dice_squared']!r}")
 
-    @staticmethod
+    @classmethod
     def build_network_architecture(
+        cls,
         plans_manager: PlansManager,
         configuration_manager: ConfigurationManager,
         num_input_channels: int,
@@ -123,7 +135,7 @@ class ELANResMSCATrainer(nnysegTrainer):
         into the returned network; a deployed ELANRes-MSCA-UNet re-fuses on every ``load_state_dict``, so every fold
         is predicted fused. :meth:`initialize` switches a training network back to its branches.
         """
-        network = nnysegTrainer.build_network_architecture(
+        network = super().build_network_architecture(
             plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision
         )
         deploy = getattr(network, "switch_to_deploy", None)
@@ -202,3 +214,15 @@ class ELANResMSCATrainer_nnUNet(ELANResMSCATrainer):
     settings: Mapping[str, Any] = MappingProxyType(
         {**ELANRES_PAPER_SETTINGS, **NNUNET_DEFAULT_SETTINGS, "loss": "nnunet", "ds_weights": "nnunet"}
     )
+
+
+class ELANResMSCATrainer_tiny(ELANResMSCATrainer):
+    """CPU demo/test variant: the CPU-sized ELANRes-MSCA-UNet and a short schedule (never for real data)."""
+
+    preset = TINY
+
+
+class ELANResMSCATrainer_nnUNet_tiny(ELANResMSCATrainer_nnUNet):
+    """CPU demo/test variant of :class:`ELANResMSCATrainer_nnUNet` (never for real data)."""
+
+    preset = TINY

@@ -1,67 +1,38 @@
 """nnYNetTrainer: the training recipe of nnY-Net and the clinical-feature plumbing of its cross-attention branch.
 
 Liu H, Tao Z, Dong W, Sun Q. "nnY-Net: Swin-NeXt with Cross-Attention for 3D Medical Images Segmentation",
-arXiv:2501.01406 (2025). The paper's recipe is not readable; this is the proposal of ``design/architectures.md``:
+arXiv:2501.01406 (2025). What the paper states and what nnyseg chose is in ``docs/nnynet.md``; the recipe here:
+AdamW, lr 1e-4, weight decay 1e-5, PolyLR (exponent 0.9), nnU-Net's 1000 epochs x 250 iterations,
+:class:`~nnyseg.losses.dice_focal_ce.DiceFocalCELoss` (Dice + focal + CE, weights 1/1/1, gamma 2, no alpha) inside
+nnU-Net's ``DeepSupervisionWrapper``. Every number is an entry of :attr:`nnYNetTrainer.settings` and can be
+overridden per plans configuration under ``"nnyseg_trainer_settings"``.
 
-* section 2.6: AdamW, lr 1e-4, weight decay 1e-5, PolyLR (exponent 0.9), nnU-Net's 1000 epochs x 250 iterations,
-  the batch size of the plans (2 for the nnYNetPlans 3d_fullres configuration), nnU-Net's augmentation;
-* section 2.5: :class:`~nnyseg.losses.dice_focal_ce.DiceFocalCELoss` (Dice + focal + CE, weights 1/1/1, gamma 2,
-  no alpha) inside nnU-Net's ``DeepSupervisionWrapper`` with nnU-Net's deep-supervision weights;
-* section 2.4: clinical features as the queries of the bottleneck cross-attention.
+``nnUNetv2_train ID 3d_fullres FOLD -tr nnYNetTrainer`` trains nnY-Net from nnU-Net's default plans (or any other
+plans; see :class:`~nnyseg.trainers.base.nnysegMethodTrainer`); ``nnYNetTrainer_tiny`` trains the CPU-sized network.
 
-Every number above is an entry of :attr:`nnYNetTrainer.settings` and can be overridden per plans configuration under
-``"nnyseg_trainer_settings"`` (e.g. ``{"initial_lr": 1e-3}`` for the recommended 1e-4 vs 1e-3 sweep, or
-``{"focal_gamma": 1.0, "loss_weight_ce": 0.5}``).
+Clinical features
+-----------------
+The cross-attention mode is a property of the network (``arch_kwargs["cross_attention"]``: ``"off"``, ``"latent"``
+or ``"clinical"``). When the trainer derives its configuration and the raw dataset has a clinical table beside
+``dataset.json`` (format: :mod:`nnyseg.data.clinical`), the network is built in ``clinical`` mode with the table's
+schema, written into the plans saved with the model (prediction rebuilds the network from the plans alone);
+without a table, in ``latent`` mode. Plans that already name SwinNeXtUNet are used as they are.
 
-Cross-attention modes
----------------------
-The mode is a property of the network, so it comes from the plans (``arch_kwargs["cross_attention"]``), not from the
-trainer: ``"off"`` (plain Swin-NeXt U-Net), ``"latent"`` (the default of nnYNetPlans: learned latent queries only, for
-datasets without clinical data such as LiTS and ATLAS) or ``"clinical"``.
-
-**Switching a plans configuration to clinical mode.** Put a clinical table beside ``dataset.json`` in the raw dataset
-(format: :mod:`nnyseg.data.clinical`), then add a configuration to ``nnYNetPlans.json`` whose architecture block is a
-complete copy of the base configuration's block (nnU-Net's ``inherits_from`` replaces top-level entries whole) with
-``"cross_attention": "clinical"`` and the table's schema copied into ``arch_kwargs["clinical_schema"]``. The schema
-must be in the plans because the network is built from the plans alone at prediction time, without the table.
-:func:`add_clinical_configuration` does this edit::
-
-    plans = json.load(open(".../nnUNet_preprocessed/Dataset500_X/nnYNetPlans.json"))
-    add_clinical_configuration(plans, load_clinical_table(".../nnUNet_raw/Dataset500_X").schema)
-    json.dump(plans, open(".../nnYNetPlans.json", "w"), indent=2)
-    # nnUNetv2_train 500 3d_fullres_clinical 0 -tr nnYNetTrainer -p nnYNetPlans
-
-The resulting JSON looks like::
-
-    "3d_fullres_clinical": {
-      "inherits_from": "3d_fullres",
-      "architecture": {
-        "network_class_name": "nnyseg.network_architecture.swin_next.SwinNeXtUNet",
-        "arch_kwargs": {... as in 3d_fullres ..., "cross_attention": "clinical",
-                        "clinical_schema": [{"name": "age", "type": "numeric"}, ...]},
-        "_kw_requires_import": []
-      }
-    }
-
-**What the trainer does in clinical mode.** In :meth:`~nnYNetTrainer.initialize` it loads the raw dataset's table
-(a clear ``ValueError`` if there is none, or if its schema differs from the plans'), fits the z-score statistics on
-this fold's training cases only (nnU-Net's ``do_split``) and writes them into the network's tokenizer, whose buffers
-are saved in every checkpoint (so each fold of an ensemble carries its own statistics), and for people to read into
-``fold_X/clinical_normalisation.json``. ``train_step`` and ``validation_step`` hand the raw rows of ``batch["keys"]``
-to the network through ``SwinNeXtUNet.set_condition`` and then run nnU-Net's own steps unchanged; the final
-validation (``perform_actual_validation``) sets each validation case's row before nnU-Net's sliding-window
-prediction. Random field dropout during training is done by the network's tokenizer in train mode. Prediction of new
-cases with their features: ``nnyseg predict --clinical TABLE`` (:mod:`nnyseg.prediction`); the stock
-``nnUNetv2_predict`` works too, but has no way to pass the features: the network warns once and uses its learned
-missing-value tokens.
+In clinical mode, :meth:`~nnYNetTrainer.initialize` loads the table (a clear ``ValueError`` if there is none, or if
+its schema differs from the plans'), fits the z-score statistics on this fold's training cases only and writes them
+into the network's tokenizer, whose buffers are saved in every checkpoint (each fold of an ensemble carries its own
+statistics), and for people to read into ``fold_X/clinical_normalisation.json``. ``train_step`` and
+``validation_step`` hand the rows of ``batch["keys"]`` to the network through ``SwinNeXtUNet.set_condition``; the
+final validation sets each validation case's row before nnU-Net's sliding-window prediction. Prediction of new cases
+with their features: ``nnyseg predict --clinical TABLE``; the stock ``nnUNetv2_predict`` works too, but cannot pass
+the features: the network warns once and uses its learned missing-value tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from copy import deepcopy
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -78,23 +49,24 @@ from nnyseg.data.clinical import (
     find_clinical_table,
     fit_normalisation,
     load_clinical_table,
-    normalise_schema,
 )
 from nnyseg.losses.dice_focal_ce import DiceFocalCELoss
-from nnyseg.trainers.base import NNUNET_DEFAULT_SETTINGS, nnysegTrainer
+from nnyseg.nnunet_integration import conditioning_dataset_class
+from nnyseg.registry import TINY
+from nnyseg.trainers.base import NNUNET_DEFAULT_SETTINGS, nnysegMethodTrainer
 
 __all__ = [
     "CLINICAL_NORMALISATION_FILE",
     "NNYNET_SETTINGS",
-    "add_clinical_configuration",
     "nnYNetTrainer",
+    "nnYNetTrainer_tiny",
 ]
 
 #: File in ``fold_X`` holding the clinical normalisation of that fold, for people to read (the network's tokenizer
 #: buffers, saved in the checkpoint, are what the model uses).
 CLINICAL_NORMALISATION_FILE = "clinical_normalisation.json"
 
-#: The recipe of architectures.md sections 2.5 and 2.6.
+#: nnY-Net's recipe (docs/nnynet.md, "Loss and training").
 NNYNET_SETTINGS: Mapping[str, Any] = MappingProxyType(
     {
         **NNUNET_DEFAULT_SETTINGS,
@@ -112,80 +84,14 @@ NNYNET_SETTINGS: Mapping[str, Any] = MappingProxyType(
 )
 
 
-def add_clinical_configuration(
-    plans: dict,
-    schema: Sequence[Mapping[str, Any]],
-    *,
-    base_configuration: str = "3d_fullres",
-    name: str | None = None,
-) -> str:
-    """Adds a clinical-mode copy of a SwinNeXtUNet configuration to ``plans`` (in place) and returns its name.
-
-    The new configuration inherits ``base_configuration`` and carries a complete architecture block with
-    ``cross_attention = "clinical"`` and ``clinical_schema = schema``.
-
-    Args:
-        plans: An nnU-Net plans dict (e.g. loaded from ``nnYNetPlans.json``).
-        schema: The clinical table's schema (``ClinicalTable.schema``).
-        base_configuration: The configuration to copy (its architecture must be SwinNeXtUNet).
-        name: Name of the new configuration; default ``<base_configuration>_clinical``.
-
-    Raises:
-        ValueError: If the base configuration does not exist or has no SwinNeXtUNet architecture, or the schema is
-            invalid or empty.
-    """
-    configurations = plans.get("configurations", {})
-    if base_configuration not in configurations:
-        raise ValueError(f"plans have no configuration {base_configuration!r}; available: {sorted(configurations)}")
-    architecture = _resolved_entry(configurations, base_configuration, "architecture")
-    if architecture is None or not str(architecture.get("network_class_name", "")).endswith("SwinNeXtUNet"):
-        raise ValueError(
-            f"configuration {base_configuration!r} does not build SwinNeXtUNet (architecture: {architecture!r})"
-        )
-    fields = normalise_schema(schema)
-    if not fields:
-        raise ValueError("clinical mode needs at least one clinical field in the schema")
-    architecture = deepcopy(architecture)
-    architecture["arch_kwargs"]["cross_attention"] = "clinical"
-    architecture["arch_kwargs"]["clinical_schema"] = fields
-    name = name or f"{base_configuration}_clinical"
-    configurations[name] = {"inherits_from": base_configuration, "architecture": architecture}
-    return name
-
-
-def _resolved_entry(configurations: Mapping[str, Any], configuration: str, key: str) -> Any:
-    """``configurations[configuration][key]`` following ``inherits_from`` as nnU-Net does."""
-    seen = set()
-    while configuration not in seen:
-        seen.add(configuration)
-        entry = configurations.get(configuration, {})
-        if key in entry:
-            return entry[key]
-        configuration = entry.get("inherits_from")
-        if configuration is None:
-            return None
-    return None
-
-
-def _conditioning_dataset_class(base: type, on_load: Callable[[str], None]) -> type:
-    """A subclass of nnU-Net dataset class ``base`` whose ``load_case(k)`` calls ``on_load(k)`` first."""
-
-    class _ClinicalConditioningDataset(base):
-        def load_case(self, identifier):
-            on_load(identifier)
-            return super().load_case(identifier)
-
-    _ClinicalConditioningDataset.__name__ = f"{base.__name__}WithClinicalCondition"
-    return _ClinicalConditioningDataset
-
-
-class nnYNetTrainer(nnysegTrainer):
+class nnYNetTrainer(nnysegMethodTrainer):
     """nnY-Net's recipe (AdamW 1e-4 / wd 1e-5, PolyLR, DiceFocalCE + deep supervision) and clinical plumbing.
 
-    Train with ``nnUNetv2_train ID 3d_fullres FOLD -tr nnYNetTrainer -p nnYNetPlans``. See the module docstring for
+    Train with ``nnUNetv2_train ID 3d_fullres FOLD -tr nnYNetTrainer`` on any plans. See the module docstring for
     the clinical mode.
     """
 
+    model = "nnynet"
     settings: Mapping[str, Any] = NNYNET_SETTINGS
 
     #: Set in :meth:`initialize` when the network is in clinical mode, else None.
@@ -335,7 +241,7 @@ class nnYNetTrainer(nnysegTrainer):
         original = self.dataset_class
         # nnU-Net loads each validation case with dataset_class.load_case right before its sliding-window prediction,
         # which calls network(x) only: set the case's clinical row there.
-        self.dataset_class = _conditioning_dataset_class(
+        self.dataset_class = conditioning_dataset_class(
             original, lambda key: network.set_condition(self.clinical_batch([key]))
         )
         try:
@@ -366,3 +272,9 @@ class nnYNetTrainer(nnysegTrainer):
             self.clinical_normalisation = ClinicalNormalisation(
                 schema=fitted.schema, mean=mean, std=std, n_cases={}, fitted_on=[]
             )
+
+
+class nnYNetTrainer_tiny(nnYNetTrainer):
+    """CPU demo/test variant: the CPU-sized nnY-Net and a short schedule (never for real data)."""
+
+    preset = TINY
