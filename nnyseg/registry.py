@@ -165,8 +165,8 @@ class Preset:
         per_stage: Keywords with one value per encoder stage: a number is repeated (``n_conv_per_stage: 2`` ->
             ``[2] * n_stages``), a sequence is cut to the number of stages.
         per_decoder_stage: The same, one value per decoder stage.
-        max_patch_voxels: CPU presets: the patch is halved along its longest axis until it has at most this many
-            voxels (instead of the memory budget deciding).
+        max_patch_voxels: CPU presets: the patch is shrunk (the memory loop's step) until it has at most this many
+            voxels, instead of the memory budget deciding.
         batch_size: CPU presets: a fixed batch size (instead of the memory budget deciding).
         trainer_settings: Trainer settings this preset implies (the short schedule of the CPU preset).
         description: One line for logs and ``plans/``.
@@ -619,7 +619,7 @@ def adapt_configuration(
     budget (:func:`memory_budget`), reduced along the axis largest relative to the median
     image shape (nnU-Net's planner loop). The batch then fills the budget, between 2 and nnU-Net's dataset cap
     (``max_dataset_covered`` of the median image times the number of training cases). CPU presets cap the patch by
-    voxels and fix the batch instead.
+    voxels instead (the same shrinking step until the patch has at most ``max_patch_voxels``) and fix the batch.
 
     Args:
         spec: The model.
@@ -651,11 +651,12 @@ def adapt_configuration(
     median = [float(m) for m in configuration["median_image_size_in_voxels"]]
     given_patch = [int(x) for x in configuration["patch_size"]]
     if p.max_patch_voxels is not None:
-        patch = list(given_patch)
+        patch, architecture = spec.architecture(spacing, given_patch, preset, arch_overrides)
         while math.prod(patch) > p.max_patch_voxels:
-            axis = int(np.argmax(patch))
-            patch[axis] = max(8, patch[axis] // 2)
-        patch, architecture = spec.architecture(spacing, patch, preset, arch_overrides)
+            smaller = _shrink(spec, spacing, patch, median)
+            if smaller is None:
+                break
+            patch, architecture = spec.architecture(spacing, smaller, preset, arch_overrides)
         batch_size = int(p.batch_size or MIN_BATCH_SIZE)
         budget = None
     else:
@@ -663,10 +664,7 @@ def adapt_configuration(
         patch, architecture = spec.architecture(spacing, given_patch, preset, arch_overrides)
         estimate = estimate_memory(architecture, patch, input_channels, num_classes)
         while estimate * MIN_BATCH_SIZE > budget:
-            order = np.argsort([x / m for x, m in zip(patch, median, strict=True)])[::-1]
-            smaller = next(
-                (s for s in (spec.topology.shrink(spacing, patch, int(a)) for a in order) if s is not None), None
-            )
+            smaller = _shrink(spec, spacing, patch, median)
             if smaller is None:
                 raise AdaptationError(
                     f"{where}: {spec.title} does not fit the memory budget of this configuration even at its "
@@ -697,6 +695,13 @@ def adapt_configuration(
         },
     }
     return adapted
+
+
+def _shrink(spec: ModelSpec, spacing: list[float], patch: list[int], median: list[float]) -> list[int] | None:
+    """One step of nnU-Net's planner loop: reduce the axis largest relative to the median image shape (the next one
+    if that axis cannot shrink); None when no axis can."""
+    order = np.argsort([x / m for x, m in zip(patch, median, strict=True)])[::-1]
+    return next((s for s in (spec.topology.shrink(spacing, patch, int(a)) for a in order) if s is not None), None)
 
 
 def configuration_is_model(spec: ModelSpec, configuration: Mapping[str, Any], preset: str = FULL) -> bool:
