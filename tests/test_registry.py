@@ -146,3 +146,19 @@ def test_every_method_has_a_planner_and_docs():
         assert PLANNERS[spec.planner].model == name
         assert (repo / spec.docs).is_file()
         assert spec.trainers
+
+
+def test_both_swin_networks_share_one_encoder_with_the_attention_bias_plugged_in():
+    from nnyseg.network_architecture.building_blocks.dmsa import KeySaliencyBias
+    from nnyseg.network_architecture.building_blocks.swin import SwinUNETREncoder
+
+    nnynet, _, _ = get_model("nnynet").build([32, 32, 32], preset=TINY)
+    dyntransnet, _, _ = get_model("dyntransnet").build([32, 32, 32], preset=TINY)
+    assert type(nnynet.encoder) is SwinUNETREncoder and type(dyntransnet.encoder) is SwinUNETREncoder
+    biases = [b.attn.extra_bias for stage in dyntransnet.encoder.swin.stages for b in stage.blocks]
+    assert biases and all(isinstance(b, KeySaliencyBias) for b in biases)
+    assert all(b.attn.extra_bias is None for stage in nnynet.encoder.swin.stages for b in stage.blocks)
+    # the bias is counted in the memory estimate: switching D-MSA off makes the estimate smaller
+    plain, _, _ = get_model("dyntransnet").build([32, 32, 32], preset=TINY, overrides={"dmsa_bias": "none"})
+    size = (64, 64, 64)
+    assert plain.encoder.compute_conv_feature_map_size(size) < dyntransnet.encoder.compute_conv_feature_map_size(size)

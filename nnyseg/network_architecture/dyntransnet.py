@@ -76,10 +76,11 @@ from nnyseg.network_architecture.building_blocks.fusion import (
 from nnyseg.network_architecture.building_blocks.init import init_transformer_unet_weights
 from nnyseg.network_architecture.building_blocks.norms import InstanceNorm3dAnySize
 from nnyseg.network_architecture.building_blocks.swin import (
+    FIXED_STRIDES,
     PatchEmbed3d,
     SwinBlock3d,
-    SwinEncoder3d,
-    compute_window_and_shift,
+    SwinUNETREncoder,
+    extra_bias_elements,
 )
 
 __all__ = [
@@ -88,13 +89,10 @@ __all__ = [
     "PAPER_ABLATIONS",
     "DynTransDecoder",
     "DynTransNet",
-    "DynTransSwinEncoder",
     "DynTransViTEncoder",
     "vit_strides",
 ]
 
-#: The topology of the Swin encoder (option A): stride-2 patch embedding + four stride-2 patch mergings.
-FIXED_STRIDES: tuple[tuple[int, int, int], ...] = ((1, 1, 1),) + 5 * ((2, 2, 2),)
 #: Every spatial axis of a Swin-encoder input must be divisible by this (2 ** 5).
 SWIN_SIZE_DIVISOR = 32
 #: Number of Swin stages (fixed by FIXED_STRIDES).
@@ -171,111 +169,6 @@ class _ConvNormAct(nn.Module):
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         return 3 * self.out_channels * _voxels(input_size)
-
-
-def _extra_bias_size(block: SwinBlock3d, grid: Sequence[int]) -> int:
-    """Elements the block's D-MSA bias materialises on a token grid (0 without one)."""
-    bias = block.attn.extra_bias
-    if not isinstance(bias, (KeySaliencyBias, DenseSynthesizerBias)):
-        return 0
-    window, _ = compute_window_and_shift(grid, block.window_size, block.shift_size)
-    padded = math.prod(math.ceil(s / w) * w for s, w in zip(grid, window, strict=True))
-    return bias.extra_bias_elements(padded, math.prod(window))
-
-
-class DynTransSwinEncoder(nn.Module):
-    """Option A: Swin hierarchy with D-MSA, plus the stem, the skip RMs and the bottleneck RM.
-
-    ``forward`` returns six maps, highest resolution first: ``E0 = RM(stem(x))`` F@/1, ``E1 = RM(h0)`` F@/2,
-    ``E2 = RM(h1)`` 2F@/4, ``E3 = RM(h2)`` 4F@/8, ``E4 = h3`` 8F@/16 and ``B = RM(h4)`` 16F@/32, where ``h0..h4`` are
-    the (layer-normalised) hidden states of the Swin encoder.
-
-    Encoder contract: ``output_channels = [F, F, 2F, 4F, 8F, 16F]``, ``strides = [[1,1,1]] + 5 x [[2,2,2]]`` (each
-    relative to the previous map), ``conv_op = nn.Conv3d``.
-
-    Args:
-        input_channels: Channels of the input image.
-        feature_size: Feature size F.
-        depths: Swin blocks in each of the four stages.
-        num_heads: Attention heads per stage; ``num_heads[i]`` must divide ``F * 2**i``.
-        window_size: Attention window (shift ``window // 2`` in every second block).
-        dmsa_bias: ``"key"``, ``"dense"`` or ``"none"`` (see :mod:`~nnyseg.network_architecture.building_blocks.dmsa`).
-        rel_pos_bias: Whether the window attention keeps Swin's relative-position bias (the D-MSA bias is added to it).
-        residual_module: Whether to use the RMs (False: identities).
-        drop_path_rate: Largest stochastic-depth rate of the Swin blocks.
-        use_checkpoint: Gradient checkpointing for every Swin block and RM.
-    """
-
-    def __init__(
-        self,
-        input_channels: int,
-        *,
-        feature_size: int = 48,
-        depths: Sequence[int] = (2, 2, 2, 2),
-        num_heads: Sequence[int] = (3, 6, 12, 24),
-        window_size: int | Sequence[int] = 7,
-        dmsa_bias: str = "key",
-        rel_pos_bias: bool = True,
-        residual_module: bool = True,
-        drop_path_rate: float = 0.0,
-        use_checkpoint: bool = False,
-    ) -> None:
-        super().__init__()
-        if len(depths) != SWIN_STAGES or len(num_heads) != SWIN_STAGES:
-            raise ValueError(
-                f"DynTransSwinEncoder has exactly {SWIN_STAGES} Swin stages; got depths={list(depths)}, "
-                f"num_heads={list(num_heads)}"
-            )
-        f = feature_size
-        self.window_size = _triple(window_size, "window_size")
-        self.dmsa_bias = dmsa_bias
-        self.use_checkpoint = use_checkpoint
-        self.swin = SwinEncoder3d(
-            input_channels,
-            feature_size=f,
-            depths=depths,
-            num_heads=num_heads,
-            window_size=self.window_size,
-            patch_size=2,
-            drop_path_rate=drop_path_rate,
-            normalize=True,
-            rel_pos_bias=rel_pos_bias,
-            extra_bias_factory=make_dmsa_bias_factory(dmsa_bias, window_tokens=math.prod(self.window_size)),
-            use_checkpoint=use_checkpoint,
-        )
-        self.stem = _ConvNormAct(input_channels, f)
-        self.skip_blocks = nn.ModuleList(_residual(c, residual_module) for c in (f, f, 2 * f, 4 * f))
-        self.bottleneck = _residual(16 * f, residual_module)
-        self.output_channels = [f, f, 2 * f, 4 * f, 8 * f, 16 * f]
-        self.strides = [list(s) for s in FIXED_STRIDES]
-        self.conv_op = nn.Conv3d
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Maps ``(B, C_in, D, H, W)`` to ``[E0, E1, E2, E3, E4, B]`` (see the class docstring)."""
-        hidden = self.swin(x)
-        ckpt = self.use_checkpoint
-        skips = [_maybe_checkpoint(self.skip_blocks[0], self.stem(x), enabled=ckpt)]
-        skips += [
-            _maybe_checkpoint(block, h, enabled=ckpt) for block, h in zip(self.skip_blocks[1:], hidden[:3], strict=True)
-        ]
-        skips += [hidden[3], _maybe_checkpoint(self.bottleneck, hidden[4], enabled=ckpt)]
-        return skips
-
-    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
-        """Memory-proportional element count for one sample: Swin encoder (attention matrices included), D-MSA
-        biases, stem, RMs."""
-        size = [int(s) for s in input_size]
-        total = self.swin.compute_conv_feature_map_size(size)
-        grid = [math.ceil(s / 2) for s in size]
-        for stage in self.swin.stages:
-            total += sum(_extra_bias_size(block, grid) for block in stage.blocks)
-            grid = [math.ceil(s / 2) for s in grid]
-        total += self.stem.compute_conv_feature_map_size(size)
-        for block in self.skip_blocks:
-            total += _feature_map_size(block, size)
-            size = [math.ceil(s / 2) for s in size]
-        size = [math.ceil(s / 4) for s in size]  # /8 -> /32
-        return total + _feature_map_size(self.bottleneck, size)
 
 
 class DynTransViTEncoder(nn.Module):
@@ -402,7 +295,7 @@ class DynTransViTEncoder(nn.Module):
         tokens = _voxels(grid)
         total = self.patch_embed.compute_conv_feature_map_size(size) + 2 * tokens * self.dim  # + pos, final norm
         for block in self.blocks:
-            total += block.compute_conv_feature_map_size(grid) + _extra_bias_size(block, grid)
+            total += block.compute_conv_feature_map_size(grid) + extra_bias_elements(block, grid)
         total += self.stem.compute_conv_feature_map_size(size) + _feature_map_size(self.stem_block, size)
         for up in self.skip_ups:
             level_grid = grid
@@ -648,16 +541,23 @@ class DynTransNet(nn.Module):
         self.dmsa_bias = dmsa_bias
         self.strides = expected
         if encoder == "swin":
-            self.encoder: nn.Module = DynTransSwinEncoder(
+            # Option A: the shared Swin encoder with D-MSA as its extra attention bias and the Residual Modules as
+            # its skip and bottleneck blocks (E0 = RM(stem(x))).
+            window = int(window_size)
+            self.encoder: nn.Module = SwinUNETREncoder(
                 input_channels,
+                input_block=lambda c_in, c_out: nn.Sequential(
+                    _ConvNormAct(c_in, c_out), _residual(c_out, residual_module)
+                ),
+                skip_block=lambda c: _residual(c, residual_module),
+                bottleneck_block=lambda c: _residual(c, residual_module),
                 feature_size=feature_size,
                 depths=depths,
                 num_heads=num_heads,
-                window_size=int(window_size),
-                dmsa_bias=dmsa_bias,
-                rel_pos_bias=rel_pos_bias,
-                residual_module=residual_module,
+                window_size=window,
                 drop_path_rate=drop_path_rate,
+                rel_pos_bias=rel_pos_bias,
+                extra_bias_factory=make_dmsa_bias_factory(dmsa_bias, window_tokens=window**3),
                 use_checkpoint=use_checkpoint,
             )
             self.patch_size_constraints: dict[str, Any] = {

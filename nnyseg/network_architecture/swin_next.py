@@ -37,12 +37,10 @@ from nnyseg.network_architecture.building_blocks.cross_attention import (
 from nnyseg.network_architecture.building_blocks.decoding import decode_with_deep_supervision
 from nnyseg.network_architecture.building_blocks.init import init_transformer_unet_weights
 from nnyseg.network_architecture.building_blocks.mednext import ConvResBlock, MedNeXtBlock, MedNeXtUpBlock
-from nnyseg.network_architecture.building_blocks.swin import SwinEncoder3d
+from nnyseg.network_architecture.building_blocks.swin import FIXED_STRIDES, SwinUNETREncoder
 
-__all__ = ["MedNeXtDecoder", "SwinNeXtEncoder", "SwinNeXtUNet"]
+__all__ = ["MedNeXtDecoder", "SwinNeXtUNet"]
 
-#: The only topology the network supports: stride-2 patch embedding + four stride-2 patch mergings.
-FIXED_STRIDES: tuple[tuple[int, int, int], ...] = ((1, 1, 1),) + 5 * ((2, 2, 2),)
 #: Every spatial axis of the input must be divisible by this (2 ** 5).
 SIZE_DIVISOR = 32
 #: Where the cross-attention branch's FiLM output goes (``ca_film_levels``).
@@ -62,85 +60,6 @@ def _per_level(value: int | Sequence[int], n: int, name: str) -> list[int]:
     if len(values) != n:
         raise ValueError(f"{name} needs {n} values (one per decoder level, deepest first), got {value!r}")
     return values
-
-
-class SwinNeXtEncoder(nn.Module):
-    """Swin encoder plus the residual conv blocks of the skip paths and the bottleneck.
-
-    ``forward`` returns six maps, highest resolution first: ``enc0(x)`` F@/1, ``enc1(x0)`` F@/2, ``enc2(x1)`` 2F@/4,
-    ``enc3(x2)`` 4F@/8, ``x3`` 8F@/16 (used as is) and the bottleneck ``b = enc4(x4)`` 16F@/32.
-
-    Encoder contract: ``output_channels = [F, F, 2F, 4F, 8F, 16F]`` and ``strides = [[1,1,1]] + 5 * [[2,2,2]]``
-    (each relative to the previous map), ``conv_op = nn.Conv3d``.
-
-    Args:
-        input_channels: Channels of the input image.
-        feature_size: Feature size F.
-        depths: Swin blocks per stage (4 stages).
-        num_heads: Attention heads per stage.
-        window_size: Swin window size.
-        mlp_ratio: MLP ratio of the Swin blocks.
-        drop_path_rate: Largest stochastic-depth rate of the Swin blocks.
-        use_checkpoint: Gradient checkpointing for every Swin block and every conv block.
-    """
-
-    def __init__(
-        self,
-        input_channels: int,
-        *,
-        feature_size: int = 48,
-        depths: Sequence[int] = (2, 2, 2, 2),
-        num_heads: Sequence[int] = (3, 6, 12, 24),
-        window_size: int | Sequence[int] = 7,
-        mlp_ratio: float = 4.0,
-        drop_path_rate: float = 0.0,
-        use_checkpoint: bool = False,
-    ) -> None:
-        super().__init__()
-        if len(depths) != 4 or len(num_heads) != 4:
-            raise ValueError(
-                f"SwinNeXtEncoder has exactly 4 Swin stages; got depths={list(depths)}, num_heads={list(num_heads)}"
-            )
-        f = feature_size
-        self.use_checkpoint = use_checkpoint
-        self.swin = SwinEncoder3d(
-            input_channels,
-            feature_size=f,
-            depths=depths,
-            num_heads=num_heads,
-            window_size=window_size,
-            patch_size=2,
-            mlp_ratio=mlp_ratio,
-            drop_path_rate=drop_path_rate,
-            normalize=True,
-            use_checkpoint=use_checkpoint,
-        )
-        self.skip_blocks = nn.ModuleList(
-            ConvResBlock(c_in, c_out) for c_in, c_out in ((input_channels, f), (f, f), (2 * f, 2 * f), (4 * f, 4 * f))
-        )
-        self.bottleneck = ConvResBlock(16 * f, 16 * f)
-        self.output_channels = [f, f, 2 * f, 4 * f, 8 * f, 16 * f]
-        self.strides = [list(s) for s in FIXED_STRIDES]
-        self.conv_op = nn.Conv3d
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Maps ``(B, C_in, D, H, W)`` to the six skip/bottleneck maps (see class docstring)."""
-        hidden = self.swin(x)
-        ckpt = self.use_checkpoint
-        skips = [_maybe_checkpoint(self.skip_blocks[0], x, ckpt)]
-        skips += [_maybe_checkpoint(block, h, ckpt) for block, h in zip(self.skip_blocks[1:], hidden[:3], strict=True)]
-        skips += [hidden[3], _maybe_checkpoint(self.bottleneck, hidden[4], ckpt)]
-        return skips
-
-    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
-        """Memory-proportional element count of the encoder for one sample."""
-        total = self.swin.compute_conv_feature_map_size(input_size)
-        size = [int(s) for s in input_size]
-        for block in self.skip_blocks:
-            total += block.compute_conv_feature_map_size(size)
-            size = [math.ceil(s / 2) for s in size]
-        size = [math.ceil(s / 4) for s in size]  # /8 -> /32
-        return total + self.bottleneck.compute_conv_feature_map_size(size)
 
 
 class _DecoderStage(nn.Module):
@@ -336,8 +255,12 @@ class SwinNeXtUNet(nn.Module):
         self.input_channels = input_channels
         self.num_classes = num_classes
         self.strides = [list(s) for s in FIXED_STRIDES]
-        self.encoder = SwinNeXtEncoder(
+        # The shared Swin encoder; nnY-Net's skip and bottleneck blocks are residual conv blocks.
+        self.encoder = SwinUNETREncoder(
             input_channels,
+            input_block=ConvResBlock,
+            skip_block=lambda c: ConvResBlock(c, c),
+            bottleneck_block=lambda c: ConvResBlock(c, c),
             feature_size=feature_size,
             depths=depths,
             num_heads=num_heads,

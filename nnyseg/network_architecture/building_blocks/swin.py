@@ -30,14 +30,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "FIXED_STRIDES",
     "PatchEmbed3d",
     "PatchMerging3d",
     "SwinBlock3d",
     "SwinEncoder3d",
     "SwinStage3d",
+    "SwinUNETREncoder",
     "WindowAttention3d",
     "compute_shift_mask",
     "compute_window_and_shift",
+    "extra_bias_elements",
     "relative_position_index",
     "window_partition",
     "window_reverse",
@@ -46,6 +49,8 @@ __all__ = [
 Size3 = tuple[int, int, int]
 ExtraBias = Callable[[torch.Tensor], torch.Tensor]
 ExtraBiasFactory = Callable[[int, int], ExtraBias]
+#: Strides of the six maps of :class:`SwinUNETREncoder`, each relative to the previous one.
+FIXED_STRIDES: tuple[tuple[int, int, int], ...] = ((1, 1, 1),) + ((2, 2, 2),) * 5
 
 
 def _triple(value: int | Sequence[int], name: str) -> Size3:
@@ -649,6 +654,124 @@ class SwinEncoder3d(nn.Module):
         total += self.output_channels[0] * math.prod(size)  # hidden state x0
         for channels, stage in zip(self.output_channels[1:], self.stages, strict=True):
             total += stage.compute_conv_feature_map_size(size)
+            total += sum(extra_bias_elements(block, size) for block in stage.blocks)
             size = [math.ceil(s / 2) for s in size]
             total += channels * math.prod(size)  # hidden state
         return total
+
+
+def extra_bias_elements(block: SwinBlock3d, grid: Sequence[int]) -> int:
+    """Elements a block's extra attention bias materialises on a token grid (0 without one, or if it cannot say)."""
+    count = getattr(block.attn.extra_bias, "extra_bias_elements", None)
+    if count is None:
+        return 0
+    window, _ = compute_window_and_shift(grid, block.window_size, block.shift_size)
+    padded = math.prod(math.ceil(s / w) * w for s, w in zip(grid, window, strict=True))
+    return int(count(padded, math.prod(window)))
+
+
+def _block_feature_map_size(module: nn.Module, size: Sequence[int]) -> int:
+    if isinstance(module, nn.Identity):
+        return 0
+    if isinstance(module, nn.Sequential):
+        return sum(_block_feature_map_size(m, size) for m in module)
+    return int(module.compute_conv_feature_map_size(size))
+
+
+def _maybe_checkpoint(module: nn.Module, x: torch.Tensor, enabled: bool) -> torch.Tensor:
+    if enabled and torch.is_grad_enabled() and not isinstance(module, nn.Identity):
+        return checkpoint(module, x, use_reentrant=False)
+    return module(x)
+
+
+class SwinUNETREncoder(nn.Module):
+    """The SwinUNETR-style encoder of nnY-Net and DynTransNet: a 4-stage :class:`SwinEncoder3d` plus conv blocks.
+
+    ``forward`` returns six maps, highest resolution first: ``input_block(x)`` F@/1, ``skip_block(h0)`` F@/2,
+    ``skip_block(h1)`` 2F@/4, ``skip_block(h2)`` 4F@/8, ``h3`` 8F@/16 (used as is) and the bottleneck
+    ``bottleneck_block(h4)`` 16F@/32, where ``h0 ... h4`` are the layer-normalised hidden states of the Swin encoder.
+    The networks differ only in the blocks they pass in (nnY-Net: residual conv blocks; DynTransNet: its Residual
+    Modules) and in the attention bias (DynTransNet's D-MSA through ``extra_bias_factory``).
+
+    Encoder contract: ``output_channels = [F, F, 2F, 4F, 8F, 16F]``, ``strides = [[1,1,1]] + 5 x [[2,2,2]]`` (each
+    relative to the previous map), ``conv_op = nn.Conv3d``.
+
+    Args:
+        input_channels: Channels of the input image.
+        input_block: ``factory(in_channels, F)``: the full-resolution skip block on the image.
+        skip_block: ``factory(channels)``: the block on ``h0``, ``h1``, ``h2`` (channel-preserving).
+        bottleneck_block: ``factory(16F)``: the block on ``h4``.
+        feature_size: Feature size F.
+        depths: Swin blocks per stage (4 stages).
+        num_heads: Attention heads per stage; ``num_heads[i]`` must divide ``F * 2**i``.
+        window_size: Swin window size.
+        mlp_ratio: MLP ratio of the Swin blocks.
+        drop_path_rate: Largest stochastic-depth rate of the Swin blocks.
+        rel_pos_bias: Whether the window attention uses Swin's relative-position bias.
+        extra_bias_factory: Optional ``factory(dim, num_heads)``: one extra attention bias per Swin block.
+        use_checkpoint: Gradient checkpointing for every Swin block and every conv block.
+    """
+
+    def __init__(
+        self,
+        input_channels: int,
+        *,
+        input_block: Callable[[int, int], nn.Module],
+        skip_block: Callable[[int], nn.Module],
+        bottleneck_block: Callable[[int], nn.Module],
+        feature_size: int = 48,
+        depths: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int | Sequence[int] = 7,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        rel_pos_bias: bool = True,
+        extra_bias_factory: ExtraBiasFactory | None = None,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(depths) != 4 or len(num_heads) != 4:
+            raise ValueError(
+                f"the Swin encoder has exactly 4 stages; got depths={list(depths)}, num_heads={list(num_heads)}"
+            )
+        f = feature_size
+        self.use_checkpoint = use_checkpoint
+        self.swin = SwinEncoder3d(
+            input_channels,
+            feature_size=f,
+            depths=depths,
+            num_heads=num_heads,
+            window_size=window_size,
+            patch_size=2,
+            mlp_ratio=mlp_ratio,
+            drop_path_rate=drop_path_rate,
+            normalize=True,
+            rel_pos_bias=rel_pos_bias,
+            extra_bias_factory=extra_bias_factory,
+            use_checkpoint=use_checkpoint,
+        )
+        self.skip_blocks = nn.ModuleList([input_block(input_channels, f), *(skip_block(c) for c in (f, 2 * f, 4 * f))])
+        self.bottleneck = bottleneck_block(16 * f)
+        self.output_channels = [f, f, 2 * f, 4 * f, 8 * f, 16 * f]
+        self.strides = [list(s) for s in FIXED_STRIDES]
+        self.conv_op = nn.Conv3d
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Maps ``(B, C_in, D, H, W)`` to the six skip/bottleneck maps (see the class docstring)."""
+        hidden = self.swin(x)
+        ckpt = self.use_checkpoint
+        skips = [_maybe_checkpoint(self.skip_blocks[0], x, ckpt)]
+        skips += [_maybe_checkpoint(block, h, ckpt) for block, h in zip(self.skip_blocks[1:], hidden[:3], strict=True)]
+        skips += [hidden[3], _maybe_checkpoint(self.bottleneck, hidden[4], ckpt)]
+        return skips
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
+        """Memory-proportional element count for one sample: the Swin encoder (attention and extra biases included)
+        and the conv blocks."""
+        total = self.swin.compute_conv_feature_map_size(input_size)
+        size = [int(s) for s in input_size]
+        for block in self.skip_blocks:
+            total += _block_feature_map_size(block, size)
+            size = [math.ceil(s / 2) for s in size]
+        size = [math.ceil(s / 4) for s in size]  # /8 -> /32
+        return total + _block_feature_map_size(self.bottleneck, size)
