@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import resource
@@ -339,8 +340,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         elif device.type == "mps":
             torch.mps.synchronize()
 
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.amp_dtype]
+
     def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", enabled=True) if amp else contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=amp_dtype, enabled=True) if amp else contextlib.nullcontext()
 
     result: dict[str, Any] = {
         "arch": spec.key,
@@ -351,6 +354,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "amp": amp,
+        "amp_dtype": args.amp_dtype if amp else None,
+        "compiled": bool(args.compile),
         "memory_kind": "cuda_max_allocated" if is_cuda else "peak_rss",
         "requested_patch": list(args.patch),
         "batch": args.batch,
@@ -364,6 +369,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     result["params_m"] = sum(p.numel() for p in network.parameters()) / 1e6
     _log(f"{spec.key}: {result['network_class']}, {result['params_m']:.3f} M parameters, patch {patch}")
     network.to(device)
+    bare = network
+    if args.compile:
+        # nnU-Net's _do_i_compile: torch.compile on the network (CUDA only; set nnUNet_compile=f to switch off there).
+        network = torch.compile(network)
 
     x = torch.randn(args.batch, INPUT_CHANNELS, *patch, device=device)
 
@@ -396,7 +405,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if not args.forward_only:
         # One training step as nnUNetTrainer.train_step (data already on the device).
         network.train()
-        network.decoder.deep_supervision = True
+        bare.decoder.deep_supervision = True
         scales = deep_supervision_scales(architecture["arch_kwargs"]["strides"])
         loss_fn = build_loss(len(scales))
         target = torch.randint(0, args.num_classes, (args.batch, 1, *patch), dtype=torch.int16)
@@ -404,8 +413,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         optimizer = torch.optim.SGD(
             network.parameters(), LEARNING_RATE, weight_decay=WEIGHT_DECAY, momentum=MOMENTUM, nesterov=True
         )
-        scaler = _grad_scaler() if amp else None
+        scaler = _grad_scaler() if amp and args.amp_dtype == "fp16" else None  # bf16 needs no loss scaling
         checked = False
+        losses: list[float] = []
 
         def step() -> None:
             nonlocal checked
@@ -416,6 +426,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
                     check_ds_outputs(spec.key, outputs, targets)
                     checked = True
                 loss = loss_fn(outputs, targets)
+            losses.append(float(loss.detach()))
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
@@ -428,6 +439,9 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
                 optimizer.step()
 
         measure("train", step)
+        if losses:
+            result["train_loss"] = losses[-1]
+            result["loss_finite"] = all(math.isfinite(v) for v in losses)
         optimizer.zero_grad(set_to_none=True)  # inference holds the weights only, as nnU-Net's predictor
         del optimizer, scaler, targets, target, loss_fn
         if spec.fused:  # the fused network cannot train: that step was only there to match the process history
@@ -438,12 +452,12 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if spec.fused:
         from nnyseg.network_architecture.building_blocks.reparam import count_inference_parameters
 
-        network.eval()
-        result["n_fused"] = int(network.switch_to_deploy())
-        result["params_m"] = count_inference_parameters(network) / 1e6  # the fused kernels it runs
+        bare.eval()
+        result["n_fused"] = int(bare.switch_to_deploy())
+        result["params_m"] = count_inference_parameters(bare) / 1e6  # the fused kernels it runs
 
     network.eval()
-    network.decoder.deep_supervision = False
+    bare.decoder.deep_supervision = False
 
     def infer() -> None:
         with torch.inference_mode(), autocast():
@@ -498,6 +512,7 @@ def worker_command(args: argparse.Namespace, key: str) -> list[str]:
     cmd += ["--patch", *map(str, args.patch), "--batch", str(args.batch), "--device", args.device]
     cmd += ["--spacing", *map(str, args.spacing), "--num-classes", str(args.num_classes)]
     cmd += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--amp" if args.amp else "--no-amp"]
+    cmd += ["--amp-dtype", args.amp_dtype] + (["--compile"] if args.compile else [])
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.tiny:
@@ -628,7 +643,8 @@ def format_section(
     amp = bool(args.amp) and args.device.startswith("cuda")
     settings = (
         f"Device `{args.device}`; warm-up {args.warmup}, timed repeats {args.repeats} (median reported); "
-        f"AMP {'on (autocast fp16 + GradScaler, as nnU-Net)' if amp else 'off'}; spacing {_patch(args.spacing)}; "
+        f"AMP {_amp_text(args.amp_dtype) if amp else 'off'}; torch.compile {'on' if args.compile else 'off'}; "
+        f"spacing {_patch(args.spacing)}; "
         f"{args.num_classes} classes, {INPUT_CHANNELS} input channel; "
         f"{'training steps skipped (--forward-only); ' if args.forward_only else ''}"
         f"total wall time {wall_s:.0f} s."
@@ -667,10 +683,19 @@ def format_section(
             notes.append(f"{r['arch']}: {r['n_fused']} RepConv modules fused by switch_to_deploy().")
         if "error" in r:
             notes.append(f"{r.get('arch')}: failed: {r['error']}")
+        if r.get("loss_finite") is False:
+            notes.append(f"{r['arch']}: the training loss was not finite in this precision (last {r['train_loss']}).")
+    finite = [r["arch"] for r in results if r.get("loss_finite")]
+    if finite and not args.forward_only:
+        notes.append("finite training loss in every timed step: " + ", ".join(finite) + ".")
     parts = [heading, "", "```bash", command_line(argv), "```", "", settings, "", format_table(results, args.device)]
     if notes:
         parts += [""] + [f"- {n}" for n in notes]
     return "\n".join(parts) + "\n"
+
+
+def _amp_text(dtype: str) -> str:
+    return "on (autocast fp16 + GradScaler, as nnU-Net)" if dtype == "fp16" else "on (autocast bf16, no GradScaler)"
 
 
 def append_section(path: Path, section: str) -> None:
@@ -749,6 +774,15 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="autocast fp16 + GradScaler on CUDA, as nnU-Net trains and predicts (default: on; ignored on cpu/mps)",
+    )
+    parser.add_argument(
+        "--amp-dtype",
+        choices=["fp16", "bf16"],
+        default="fp16",
+        help="autocast dtype on CUDA: fp16 with GradScaler (nnU-Net's) or bf16 without (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the network, as nnU-Net does on CUDA (nnUNet_compile)"
     )
     parser.add_argument(
         "--results",

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.conftest import load_benchmark_script
+from tests.conftest import REPO, load_benchmark_script
 
 ARCHS = ["plain", "elanres", "elanres_fused", "nnynet"]
 TINY_ARGS = [
@@ -262,3 +264,21 @@ def test_an_ablation_row_builds_the_switched_network():
     assert arch["arch_kwargs"] == {**full_arch["arch_kwargs"], "residual_module": False}
     n_full, n_ablated = (sum(p.numel() for p in net.parameters()) for net in (full, ablated))
     assert n_ablated < n_full  # the Residual Modules' convolutions are gone
+
+
+def test_gpu_script_forwards_precision_and_compile_and_needs_cuda():
+    import subprocess
+
+    args = bench.build_parser().parse_args(["--device", "cuda", "--amp-dtype", "bf16", "--compile"])
+    cmd = bench.worker_command(args, "nnynet")
+    assert cmd[cmd.index("--amp-dtype") + 1] == "bf16" and "--compile" in cmd
+    script = REPO / "benchmarks" / "gpu.sh"
+    text = script.read_text(encoding="utf-8")
+    assert "--patch 128 128 128 --batch 2" in text and all(
+        f'"{d} {c}"' in text for d in ("fp16", "bf16") for c in ("off", "on")
+    )
+    if not torch.cuda.is_available():  # the script measures nothing without a GPU, and says so
+        result = subprocess.run(
+            ["bash", str(script)], capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}
+        )
+        assert result.returncode == 2 and "no CUDA device" in result.stderr
