@@ -13,6 +13,10 @@ nnU-Net 2.8 has no plug-in interface besides the ``nnUNet_extTrainer`` folder li
   validation;
 * :func:`predictor_replaced` and :func:`clinical_predictor_class`: the predictor hook of ``nnyseg predict``, which
   sets each case's clinical features right before nnU-Net predicts it;
+* :func:`safe_predictor_class`, :func:`load_checkpoint` and :func:`check_weights_fit_network`: the predictor of
+  ``nnyseg predict`` and ``nnyseg segment``, which unpickles checkpoints with torch's weights-only loader and the
+  allow-list :data:`CHECKPOINT_TYPES` (a model folder from someone else cannot run code), and refuses a results-folder
+  ``plans.json`` whose network does not fit the checkpoint's weights with one message (``docs/reliability.md``);
 * :func:`check_nnunet_version`: the nnunetv2 versions this module was tested with.
 
 This module is imported at interpreter start-up by the hook, so its top level imports nothing heavy: nnunetv2 and
@@ -238,6 +242,332 @@ def raw_dataset_folder(dataset_name: str) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Model folders from others: checkpoints unpickled safely, plans checked against the weights
+# ----------------------------------------------------------------------------------------------------------------
+#: Set to 1 to let ``nnyseg predict`` / ``nnyseg segment`` unpickle checkpoints that need types outside
+#: :data:`CHECKPOINT_TYPES` (as nnU-Net's own ``nnUNetv2_predict`` does with every checkpoint).
+ALLOW_UNSAFE_CHECKPOINT_ENV = "NNYSEG_ALLOW_UNSAFE_CHECKPOINT"
+#: The command-line flag of ``nnyseg predict`` / ``nnyseg segment`` that does the same for one command.
+ALLOW_UNSAFE_CHECKPOINT_FLAG = "--allow-unsafe-checkpoint"
+#: What an nnU-Net 2.8 checkpoint (``nnUNetTrainer.save_checkpoint``) pickles beyond the types torch's weights-only
+#: unpickler accepts by itself (tensors, ``torch.device``, ``OrderedDict``, builtin containers, numbers, strings), as
+#: the pickle names them: the numpy float scalars of the training log (``logging``'s losses and pseudo Dice,
+#: ``_best_ema``: ``scalar(dtype, bytes)``, under numpy 2's module name and numpy 1's) and the dtype classes those
+#: scalars' dtypes are (numpy 2 names; numpy 1's dtype classes are allowed as objects). None can run code.
+CHECKPOINT_TYPES: tuple[str, ...] = (
+    "numpy.dtype",
+    "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray.scalar",
+    "numpy.dtypes.Float16DType",
+    "numpy.dtypes.Float32DType",
+    "numpy.dtypes.Float64DType",
+)
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint needs types outside :data:`CHECKPOINT_TYPES` to be unpickled, so loading it may run code."""
+
+
+class ModelMismatchError(ValueError):
+    """A results folder's ``plans.json`` builds a network that the checkpoint's weights do not fit."""
+
+
+def unsafe_checkpoint_allowed(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether ``NNYSEG_ALLOW_UNSAFE_CHECKPOINT`` is set (to anything but empty or 0)."""
+    return environ.get(ALLOW_UNSAFE_CHECKPOINT_ENV, "") not in ("", "0")
+
+
+def _checkpoint_safe_globals() -> list[tuple[Any, str]]:
+    """:data:`CHECKPOINT_TYPES` as ``torch.serialization.safe_globals`` takes them: ``(object, name in the pickle)``."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import scalar
+    objects = {"numpy.dtype": np.dtype, "numpy._core.multiarray.scalar": scalar, "numpy.core.multiarray.scalar": scalar}
+    # Unpickling a dtype sets its state, which torch allows for the allow-listed classes only (checked by object).
+    objects.update(
+        {f"numpy.dtypes.{t.__name__.title()}DType": type(np.dtype(t)) for t in (np.float16, np.float32, np.float64)}
+    )
+    return [(objects[name], name) for name in CHECKPOINT_TYPES]
+
+
+@contextmanager
+def checkpoint_types_allowed() -> Iterator[None]:
+    """Let torch's weights-only unpickler accept :data:`CHECKPOINT_TYPES` while the context is open."""
+    import torch
+
+    # Only what is not trusted already: on exit, torch forgets what the context added, even if it was there before.
+    trusted = torch.serialization.get_safe_globals()
+    with torch.serialization.safe_globals([g for g in _checkpoint_safe_globals() if g not in trusted]):
+        yield
+
+
+def _refusal_reason(error: Exception) -> str:
+    """The part of torch's weights-only error that says what it met (without its advice to pass weights_only=False)."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    return text.strip().split("\n", 1)[0].split(" Please use", 1)[0].strip()
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, allow_unsafe: bool | None = None) -> dict[str, Any]:
+    """A checkpoint, unpickled by ``torch.load(weights_only=True)`` with :data:`CHECKPOINT_TYPES` allowed, on the CPU.
+
+    Args:
+        path: The ``.pth`` file.
+        allow_unsafe: What to do with a checkpoint that needs other types: False refuses it, True loads it with full
+            unpickling (what ``nnUNetv2_predict`` does), with a warning naming the types; None (default) reads
+            ``NNYSEG_ALLOW_UNSAFE_CHECKPOINT``. A checkpoint within the allow-list is never fully unpickled.
+
+    Raises:
+        UnsafeCheckpointError: The checkpoint needs other types and unsafe loading is not allowed. The message names
+            the file and the types, and how to allow it.
+    """
+    import pickle
+
+    import torch
+
+    path = os.fspath(path)
+    with checkpoint_types_allowed():
+        try:
+            return torch.load(path, map_location=torch.device("cpu"), weights_only=True)
+        except pickle.UnpicklingError as error:
+            reason = _refusal_reason(error)
+            try:
+                needed = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+            except Exception:  # a legacy (non-zip) file or unreadable pickle: torch's reason says what it met
+                needed = []
+    why = (
+        f"it needs {', '.join(needed)}, outside the types an nnU-Net checkpoint holds, and unpickling it may run code"
+        if needed
+        else f"torch's weights-only unpickler, given the types an nnU-Net checkpoint holds, cannot read it ({reason}), "
+        "and unpickling it fully may run code"
+    )
+    if allow_unsafe is None:
+        allow_unsafe = unsafe_checkpoint_allowed()
+    if not allow_unsafe:
+        raise UnsafeCheckpointError(
+            f"refused to load the checkpoint {path}: {why}. If you trust where the model comes from, pass "
+            f"{ALLOW_UNSAFE_CHECKPOINT_FLAG} (or set {ALLOW_UNSAFE_CHECKPOINT_ENV}=1) to load it with full unpickling"
+        )
+    warnings.warn(
+        f"the checkpoint {path}: {why}; loading it with full unpickling, as {ALLOW_UNSAFE_CHECKPOINT_FLAG} / "
+        f"{ALLOW_UNSAFE_CHECKPOINT_ENV} allows",
+        stacklevel=2,
+    )
+    return torch.load(path, map_location=torch.device("cpu"), weights_only=False)
+
+
+def _architecture_changes(plans: Mapping[str, Any], trained_plans: Any, configuration: str) -> list[str]:
+    """``"arch_kwargs.KEY: plans.json A, trained with B"`` for each architecture setting that differs."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    if not isinstance(trained_plans, dict):
+        return []
+    now, then = (
+        PlansManager(p).get_configuration(configuration).configuration.get("architecture", {})
+        for p in (dict(plans), trained_plans)
+    )
+    settings_now = {"network_class_name": now.get("network_class_name")}
+    settings_then = {"network_class_name": then.get("network_class_name")}
+    settings_now.update({f"arch_kwargs.{k}": v for k, v in now.get("arch_kwargs", {}).items()})
+    settings_then.update({f"arch_kwargs.{k}": v for k, v in then.get("arch_kwargs", {}).items()})
+    return [
+        f"{key}: plans.json {settings_now.get(key)!r}, trained with {settings_then.get(key)!r}"
+        for key in sorted(set(settings_now) | set(settings_then), key=lambda k: (k != "network_class_name", k))
+        if settings_now.get(key) != settings_then.get(key)
+    ]
+
+
+def check_weights_fit_network(
+    network: Any,
+    weights: Mapping[str, Any],
+    *,
+    checkpoint: str,
+    plans_file: str,
+    configuration: str,
+    plans: Mapping[str, Any] | None = None,
+    trained_plans: Any = None,
+) -> None:
+    """Raise :class:`ModelMismatchError` unless ``weights`` load into ``network`` as ``load_state_dict`` wants them.
+
+    Args:
+        network: The network built from ``plans_file``'s configuration ``configuration``.
+        weights: A checkpoint's ``network_weights``.
+        checkpoint: The checkpoint's path, for the message.
+        plans_file: The ``plans.json`` path, for the message.
+        configuration: The configuration the checkpoint was trained with.
+        plans: The plans read from ``plans_file``; with ``trained_plans`` (the checkpoint's ``init_args['plans']``,
+            the plans it was trained with), the message also lists the architecture settings that differ.
+
+    Raises:
+        ModelMismatchError: One message naming ``plans_file``, the network class, ``checkpoint``, the number of
+            missing, unexpected and reshaped parameters with a few examples (instead of PyTorch's traceback).
+    """
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    reshaped = []
+    for key, value in expected.items():
+        shape, trained = getattr(value, "shape", None), getattr(weights.get(key), "shape", None)
+        if shape is not None and trained is not None and tuple(shape) != tuple(trained):
+            reshaped.append(f"{key} {tuple(trained)} in the checkpoint, {tuple(shape)} in the network")
+    if not (missing or unexpected or reshaped):
+        return
+    examples = (
+        reshaped[:3]
+        + [f"{k} missing from the checkpoint" for k in missing[:2]]
+        + [f"{k} not in the network" for k in unexpected[:2]]
+    )
+    try:
+        changes = _architecture_changes(plans, trained_plans, configuration) if plans is not None else []
+    except Exception:  # a hint only: it must not hide the mismatch itself
+        changes = []
+    raise ModelMismatchError(
+        f"{plans_file} builds a {type(network).__name__} (configuration '{configuration}') that the weights in "
+        f"{checkpoint} do not fit: {len(reshaped)} parameter(s) of another shape, {len(missing)} missing from the "
+        f"checkpoint, {len(unexpected)} not in the network (e.g. {'; '.join(examples)})."
+        + (
+            f" plans.json differs from the plans the checkpoint was trained with: {'; '.join(changes[:5])}."
+            if changes
+            else ""
+        )
+        + " Was plans.json edited after training? Restore the plans.json the model was trained with."
+    )
+
+
+def _build_inference_network(
+    trainer_class: type, plans_manager: Any, configuration_manager: Any, num_input_channels: int, num_outputs: int
+) -> Any:
+    """The network as nnU-Net 2.8's predictor builds it (both ``build_network_architecture`` signatures)."""
+    import inspect
+
+    if "plans_manager" in inspect.signature(trainer_class.build_network_architecture).parameters:
+        return trainer_class.build_network_architecture(
+            plans_manager, configuration_manager, num_input_channels, num_outputs, enable_deep_supervision=False
+        )
+    warnings.warn(
+        f"Trainer {trainer_class.__name__} uses the old build_network_architecture signature (nnU-Net deprecates it)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return trainer_class.build_network_architecture(
+        configuration_manager.network_arch_class_name,
+        configuration_manager.network_arch_init_kwargs,
+        configuration_manager.network_arch_init_kwargs_req_import,
+        num_input_channels,
+        num_outputs,
+        enable_deep_supervision=False,
+    )
+
+
+def safe_predictor_class(base: type | None = None) -> type:
+    """nnU-Net's predictor class (or its subclass ``base``) that loads a model folder without trusting it.
+
+    Its ``initialize_from_trained_model_folder`` does what nnU-Net 2.8's does, except that
+
+    * every fold's checkpoint is loaded by :func:`load_checkpoint` (weights-only unpickling, :data:`CHECKPOINT_TYPES`)
+      instead of ``torch.load(weights_only=False)``, so a checkpoint that would run code is refused
+      (:class:`UnsafeCheckpointError`);
+    * every fold's weights are checked against the network the folder's ``plans.json`` builds, before any is loaded
+      (:func:`check_weights_fit_network`, :class:`ModelMismatchError`).
+
+    The class takes ``allow_unsafe_checkpoint`` (``bool | None``, default None: read ``NNYSEG_ALLOW_UNSAFE_CHECKPOINT``)
+    besides the base's arguments, and has ``loads_checkpoints_safely = True``. Made on first use (this module must stay
+    light at start-up), one class per base; a base that already loads safely is returned as it is.
+    """
+    if base is None:
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        base = nnUNetPredictor
+    if getattr(base, "loads_checkpoints_safely", False):
+        return base
+    return _safe_predictor_class(base)
+
+
+@functools.cache
+def _safe_predictor_class(base: type) -> type:
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    class SafePredictor(base):
+        loads_checkpoints_safely = True
+
+        def __init__(self, *args: Any, allow_unsafe_checkpoint: bool | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.allow_unsafe_checkpoint = allow_unsafe_checkpoint
+
+        def initialize_from_trained_model_folder(
+            self, model_training_output_dir: str, use_folds: Any, checkpoint_name: str = "checkpoint_final.pth"
+        ) -> None:
+            # nnU-Net 2.8.1's method, step by step, with the checkpoints loaded safely and checked before use.
+            folder = str(model_training_output_dir)
+            if use_folds is None:
+                use_folds = self.auto_detect_available_folds(folder, checkpoint_name)
+            if isinstance(use_folds, str):
+                use_folds = [use_folds]
+            if not use_folds:  # nnU-Net would fail on a variable never set
+                raise FileNotFoundError(f"{folder}: no fold_*/{checkpoint_name} to predict with")
+            dataset_json = load_json(join(folder, "dataset.json"))
+            plans_file = join(folder, "plans.json")
+            plans = load_json(plans_file)
+            plans_manager = PlansManager(plans)
+
+            files, parameters = [], []
+            for i, fold in enumerate(use_folds):
+                fold = int(fold) if fold != "all" else fold
+                files.append(join(folder, f"fold_{fold}", checkpoint_name))
+                checkpoint = load_checkpoint(files[-1], allow_unsafe=self.allow_unsafe_checkpoint)
+                if i == 0:
+                    trainer_name = checkpoint["trainer_name"]
+                    configuration_name = checkpoint["init_args"]["configuration"]
+                    trained_plans = checkpoint["init_args"].get("plans")
+                    mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes")
+                parameters.append(checkpoint["network_weights"])  # the rest (optimizer state, ...) is dropped here
+
+            configuration_manager = plans_manager.get_configuration(configuration_name)
+            network = _build_inference_network(
+                recursive_find_trainer_class_by_name(trainer_name),
+                plans_manager,
+                configuration_manager,
+                determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+                plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+            )
+            for file, weights in zip(files, parameters, strict=True):
+                check_weights_fit_network(
+                    network,
+                    weights,
+                    checkpoint=file,
+                    plans_file=plans_file,
+                    configuration=configuration_name,
+                    plans=plans,
+                    trained_plans=trained_plans,
+                )
+            network.load_state_dict(parameters[0])  # as nnU-Net: the first fold's weights, see nnU-Net issue #2520
+            # nnU-Net's own initialisation from here (attributes, label manager, torch.compile when nnUNet_compile).
+            self.manual_initialization(
+                network,
+                plans_manager,
+                configuration_manager,
+                parameters,
+                dataset_json,
+                trainer_name,
+                mirroring_axes,
+            )
+
+    SafePredictor.__module__ = __name__
+    if base.__name__ != "nnUNetPredictor":
+        SafePredictor.__name__ = f"Safe{base.__name__}"
+    SafePredictor.__qualname__ = SafePredictor.__name__
+    return SafePredictor
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Clinical conditioning: final validation and prediction
 # ----------------------------------------------------------------------------------------------------------------
 def conditioning_dataset_class(base: type, on_load: Callable[[str], None]) -> type:
@@ -283,7 +613,8 @@ def run_nnunet_entry_point(entry_point: Callable[[], Any], program: str, argv: S
 def clinical_predictor_class() -> type:
     """nnU-Net's predictor that sets each case's clinical features on an nnY-Net before predicting the case.
 
-    Made on first use (this module must stay light at start-up). The class takes ``clinical_table`` (a
+    Made on first use (this module must stay light at start-up), on :func:`safe_predictor_class` (checkpoints are
+    unpickled weights-only and checked against ``plans.json``). The class takes ``clinical_table`` (a
     :class:`nnyseg.data.clinical.ClinicalTable` of raw values keyed by case identifier) besides nnU-Net's arguments.
     Both of nnU-Net's prediction paths are covered: the multi-process one (``predict_from_data_iterator``: the
     condition is set as each preprocessed case comes out of the iterator, right before nnU-Net predicts it) and the
@@ -291,11 +622,11 @@ def clinical_predictor_class() -> type:
     """
     import torch
     from nnunetv2.configuration import default_num_processes
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
     from torch._dynamo import OptimizedModule
 
-    class ClinicalPredictor(nnUNetPredictor):
+    # Safe loading first: the model folder's checkpoints are unpickled weights-only and checked against plans.json.
+    class ClinicalPredictor(safe_predictor_class()):
         def __init__(self, *args: Any, clinical_table: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.clinical_table = clinical_table

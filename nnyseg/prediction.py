@@ -32,15 +32,19 @@ from typing import Any
 
 from nnyseg.data.clinical import load_clinical_file
 from nnyseg.nnunet_integration import (
+    ALLOW_UNSAFE_CHECKPOINT_ENV,
+    ALLOW_UNSAFE_CHECKPOINT_FLAG,
     check_nnunet_version,
     clinical_predictor_class,
     predictor_replaced,
     run_nnunet_entry_point,
+    safe_predictor_class,
 )
 
-__all__ = ["CLINICAL_FLAG", "ClinicalPredictor", "main"]
+__all__ = ["ALLOW_UNSAFE_CHECKPOINT_FLAG", "CLINICAL_FLAG", "ClinicalPredictor", "main"]
 
-#: The one flag ``nnyseg predict`` adds to nnUNetv2_predict's.
+#: The flag ``nnyseg predict`` adds to nnUNetv2_predict's for clinical features (the other is
+#: :data:`ALLOW_UNSAFE_CHECKPOINT_FLAG`, which lets checkpoints that need more than nnU-Net's types be unpickled).
 CLINICAL_FLAG = "--clinical"
 
 
@@ -61,26 +65,58 @@ def _split_clinical_flag(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return argv[i + 1], argv[:i] + argv[i + 2 :]
 
 
+def _split_switch(argv: Sequence[str], flag: str) -> tuple[bool, list[str]]:
+    """``(whether the flag without value was given, the remaining flags)``."""
+    argv = list(argv)
+    return flag in argv, [a for a in argv if a != flag]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run ``nnUNetv2_predict`` with ``argv`` (its own flags), feeding clinical features when ``--clinical`` is given.
 
+    Checkpoints are loaded by :func:`nnyseg.nnunet_integration.safe_predictor_class`'s predictor: unpickled
+    weights-only, with the types an nnU-Net checkpoint holds, unless ``--allow-unsafe-checkpoint`` is given (or
+    ``NNYSEG_ALLOW_UNSAFE_CHECKPOINT=1`` is set), and checked against the network the model's ``plans.json`` builds.
+
+    Before nnU-Net starts (and loads the model), every image of the ``-i`` folder is read to its end
+    (:func:`nnyseg.data.validation.check_input_images`).
+
     Raises:
         ValueError: The table is malformed, or the model does not take clinical features with the table's schema.
+        nnyseg.data.validation.InputImageError: (a ValueError) The ``-i`` folder does not exist, or images in it are
+            truncated or corrupt or hold NaN or infinite voxels; every problem is listed, each naming its file.
         FileNotFoundError: The table does not exist.
+        nnyseg.nnunet_integration.UnsafeCheckpointError: A checkpoint needs types that may run code when unpickled.
+        nnyseg.nnunet_integration.ModelMismatchError: The model's ``plans.json`` builds a network that a checkpoint's
+            weights do not fit (an edited ``plans.json``).
     """
     from nnunetv2.inference import predict_from_raw_data as nnunet_predict
 
     check_nnunet_version()
     table_path, nnunet_argv = _split_clinical_flag(sys.argv[1:] if argv is None else argv)
+    allow_unsafe, nnunet_argv = _split_switch(nnunet_argv, ALLOW_UNSAFE_CHECKPOINT_FLAG)
     if "-h" in nnunet_argv or "--help" in nnunet_argv:
         print(
             f"nnyseg predict: nnUNetv2_predict's flags (below) plus {CLINICAL_FLAG} TABLE, the clinical features of "
             "the cases to predict (clinical.json, or clinical.csv with clinical_schema.json beside it), for nnY-Net "
-            "models in 'clinical' cross-attention mode.\n"
+            "models in 'clinical' cross-attention mode. Checkpoints are unpickled weights-only, with the types an "
+            f"nnU-Net checkpoint holds; {ALLOW_UNSAFE_CHECKPOINT_FLAG} (or {ALLOW_UNSAFE_CHECKPOINT_ENV}=1) loads one "
+            "that needs more, which may run code: only for models from a source you trust.\n"
         )
-    predictor_class: Any = nnunet_predict.nnUNetPredictor
+    # Never nnU-Net's own predictor: it unpickles checkpoints fully (a model folder from others could run code).
+    predictor_class: Any = safe_predictor_class()
     if table_path is not None:
         predictor_class = functools.partial(ClinicalPredictor, clinical_table=load_clinical_file(Path(table_path)))
+    if allow_unsafe:
+        predictor_class = functools.partial(predictor_class, allow_unsafe_checkpoint=True)
+    if "-h" not in nnunet_argv and "--help" not in nnunet_argv and "-i" in nnunet_argv:
+        # Before nnU-Net loads the model: it would predict from a truncated file's zeros, or from 0 where a NIfTI
+        # file holds NaN, without a word.
+        from nnyseg.data.validation import check_input_images
+
+        i = nnunet_argv.index("-i")
+        if i + 1 < len(nnunet_argv) and not nnunet_argv[i + 1].startswith("-"):  # else nnU-Net's parser says what
+            check_input_images(nnunet_argv[i + 1], progress="--disable_progress_bar" not in nnunet_argv)
 
     with predictor_replaced(predictor_class):
         run_nnunet_entry_point(nnunet_predict.predict_entry_point, "nnyseg predict", nnunet_argv)

@@ -19,6 +19,10 @@ Conventions:
 * Problems are collected rather than raised one at a time: cheap header checks (partners, grids) run over every case
   before any voxel is converted, and one :class:`~nnyseg.data.validation.DatasetError` lists them all, each naming
   its case and file.
+* Every source file is read to its end before it is converted (:func:`nnyseg.data.integrity.check_image_file`): a
+  truncated or corrupt download ("truncated or corrupt, download it again") and NaN or infinite voxels, which
+  SimpleITK reads without a word, are problems like the others. Of a DICOM series, a file that GDCM would silently
+  leave out (a truncated slice) is named too.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 import nnyseg
+from nnyseg.data.integrity import check_dicom_series, check_image_file
 from nnyseg.data.validation import DatasetError, compare_geometry, nnunet_raw_folder
 from nnyseg.io import atomic_file, atomic_folder, write_json_atomic
 
@@ -128,7 +133,7 @@ def convert_lits(
         FileExistsError: A dataset with this id exists (and ``overwrite`` is False, or it has another name).
         DatasetError: (a ValueError) listing every problem found, each naming its case and file: a volume without
             segmentation or vice versa, a case number found twice, a label grid that differs from its image, label
-            values outside 0/1/2, or no cases at all.
+            values outside 0/1/2, a truncated or corrupt file, NaN or infinite voxels, or no cases at all.
     """
     source = _existing_folder(source)
     target = _dataset_target(raw_root, dataset_id, name, overwrite)
@@ -234,6 +239,8 @@ def convert_dicom(
         FileExistsError: ``output_file`` exists and ``overwrite`` is False.
         ValueError: The folder holds no DICOM series; or several and no (or an unknown) ``series_uid``; or the
             series cannot be read. The message names the folder and lists the series found.
+        DatasetError: (a ValueError) naming every file of the series that is truncated or corrupt: one GDCM cannot
+            read, or would leave out of the series (it does so silently, and the volume would miss a slice).
     """
     series_dir = _existing_folder(series_dir)
     output_file = Path(output_file)
@@ -252,6 +259,9 @@ def convert_dicom(
     if series_uid is not None and series_uid not in files:
         raise ValueError(f"{series_dir}: no DICOM series {series_uid!r}; the folder holds {listing}")
     chosen = series_uid if series_uid is not None else uids[0]
+    problems = check_dicom_series(series_dir, chosen, files[chosen])
+    if problems:
+        raise DatasetError(series_dir, problems)
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files[chosen])
@@ -384,8 +394,10 @@ def _header_problems(case: _Case, source: Path) -> list[str]:
     try:
         return [f"case {case.case_id}: {p}" for p in compare_geometry(case.image, case.label)]
     except RuntimeError as e:  # SimpleITK cannot read one of the headers
+        # Say which file, and whether it is a broken download (a file cut inside its header is one).
+        damaged = [f"case {case.case_id}: {p}" for f in (case.image, case.label) for p in check_image_file(f)]
         files = f"{_rel(case.image, source)} or {_rel(case.label, source)}"
-        return [f"case {case.case_id}: cannot read {files}: {_itk_reason(e)}"]
+        return damaged or [f"case {case.case_id}: cannot read {files}: {_itk_reason(e)}"]
 
 
 def _build_dataset(
@@ -462,8 +474,15 @@ def _convert_case(case: _Case, dataset: Path) -> list[str]:
     """Copy one case into the dataset folder (top level, so that spawned worker processes can import it).
 
     Returns:
-        The problems found: label values outside 0/1/2, or a file ITK cannot read; empty when the case is good.
+        The problems found: a truncated or corrupt file, NaN or infinite voxels, label values outside 0/1/2, or a
+        file ITK cannot read; empty when the case is good.
     """
+    # Read every source file to its end first: SimpleITK would copy a truncated file's zeros and a NIfTI file's NaN
+    # (as 0) into the dataset without a word.
+    sources = [case.image] if case.label is None else [case.image, case.label]
+    damaged = [f"case {case.case_id}: {p}" for f in sources for p in check_image_file(f)]
+    if damaged:
+        return damaged
     try:
         image = sitk.ReadImage(str(case.image))
         sitk.WriteImage(image, str(case.image_output(dataset)), useCompression=True)

@@ -2,6 +2,9 @@
 
 nnU-Net's own ``--verify_dataset_integrity`` stops at the first problem with an assertion; these checks run before
 planning, collect every problem in the dataset and say which file has which problem. They only read.
+
+Every image and label file is also read to its end by :mod:`nnyseg.data.integrity`, which finds what SimpleITK (and
+so nnU-Net) reads without a word: truncated or corrupt compressed files, and NaN or infinite voxels in NIfTI files.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnyseg.data.integrity import check_image_files, check_image_files_by_file, input_image_files
+
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
-_FLOAT_PIXELS = {sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64}
 # Geometry tolerances: nnU-Net compares spacing with np.allclose; origins and directions are compared the same way.
 _ATOL = 1e-4
 _RTOL = 1e-5
@@ -41,6 +45,13 @@ class DatasetError(ProblemListError):
     @property
     def dataset(self) -> str:
         return self.where
+
+
+class InputImageError(ProblemListError):
+    """Images to predict from that nnU-Net would read wrongly: truncated or corrupt files, NaN or infinite voxels.
+
+    ``where`` is the input folder; each problem names its file.
+    """
 
 
 def nnunet_raw_folder() -> Path:
@@ -145,12 +156,32 @@ def compare_geometry(image: Path, label: Path) -> list[str]:
     return problems
 
 
-def validate_raw_dataset(dataset: int | str | Path, *, check_intensities: bool = True, progress: bool = True) -> Path:
+def validate_raw_dataset(
+    dataset: int | str | Path,
+    *,
+    check_intensities: bool = True,
+    progress: bool = True,
+    num_processes: int | None = None,
+) -> Path:
     """Check a raw dataset for everything that would make nnU-Net fail or silently train on wrong data.
 
     Checks ``dataset.json``; that ``imagesTr``/``labelsTr`` exist and every label has all its channels and vice
     versa; that ``numTraining`` matches; that every image channel has its label's size, spacing, origin and
-    direction; that labels hold only declared values; and that no image voxel is NaN or infinite.
+    direction; that labels hold only declared values; and that every image and label file is intact and free of NaN
+    and infinite voxels (:func:`nnyseg.data.integrity.check_image_file`: the whole file is read and its gzip
+    stream's CRC and length are checked; a NIfTI file must hold its whole data block; NaN and inf are counted on
+    the raw voxels, which SimpleITK's NIfTI reader turns into 0). The files of ``imagesTs``/``labelsTs``, where
+    present, get the same integrity check. A case with a damaged file is not checked further: its other results
+    would be made of garbage.
+
+    Args:
+        dataset: Dataset id (``4``), name (``Dataset004_Liver``) or folder.
+        check_intensities: Read the images' voxels: the integrity check of every image file. False
+            (``nnyseg check-dataset --headers-only``) reads only the images' headers, so that a truncated or corrupt
+            image or NaN voxels in it go unnoticed; labels are always read whole (their values are checked anyway)
+            and so always get the integrity check.
+        progress: Show progress bars.
+        num_processes: Files read at the same time (see :func:`nnyseg.data.integrity.check_image_files_by_file`).
 
     Returns:
         The dataset folder.
@@ -181,34 +212,64 @@ def validate_raw_dataset(dataset: int | str | Path, *, check_intensities: bool =
     for name in sorted(present_images - expected_images):
         problems.append(f"imagesTr/{name}: has no label in labelsTr or an unexpected channel index")
 
+    # Integrity first: every file read to its end (the expensive part, in parallel).
+    to_check = list(labels)
+    if (folder / "labelsTs").is_dir():
+        to_check += sorted((folder / "labelsTs").glob(f"*{ending}"))
+    if check_intensities:
+        to_check += sorted(images_dir.glob(f"*{ending}"))
+        if (folder / "imagesTs").is_dir():
+            to_check += sorted((folder / "imagesTs").glob(f"*{ending}"))
+    integrity = check_image_files_by_file(
+        to_check, num_processes=num_processes, progress=progress, desc=f"reading {folder.name}"
+    )
+    damaged = {path for path, file_problems in integrity.items() if file_problems}
+    problems.extend(problem for file_problems in integrity.values() for problem in file_problems)
+
     allowed = declared_label_values(dataset_json)
     for case_id, label_path in tqdm(
         list(zip(case_ids, labels, strict=False)), desc=f"checking {folder.name}", disable=not progress, leave=False
     ):
         channels = [images_dir / f"{case_id}_{i:04d}{ending}" for i in range(n_channels)]
         channels = [c for c in channels if c.is_file()]
+        if damaged.intersection([label_path, *channels]):
+            continue
         try:
             for image_path in channels:
                 problems.extend(compare_geometry(image_path, label_path))
+            # NaN and inf in a label were found by the integrity check (and the case skipped)
             label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
-            if np.issubdtype(label.dtype, np.floating) and not np.all(np.isfinite(label)):
-                problems.append(f"labelsTr/{label_path.name}: contains NaN or infinite values")
-            else:
-                extra = sorted(set(np.unique(label).tolist()) - allowed)
-                if extra:
-                    problems.append(
-                        f"labelsTr/{label_path.name}: label values {extra} are not declared in dataset.json "
-                        f"(allowed: {sorted(allowed)})"
-                    )
-            if check_intensities:
-                for image_path in channels:
-                    if _read_info(image_path).GetPixelID() in _FLOAT_PIXELS:
-                        array = sitk.GetArrayFromImage(sitk.ReadImage(str(image_path)))
-                        n_bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-                        if n_bad:
-                            problems.append(f"imagesTr/{image_path.name}: {n_bad} NaN or infinite voxel(s)")
+            extra = sorted(set(np.unique(label).tolist()) - allowed)
+            if extra:
+                problems.append(
+                    f"labelsTr/{label_path.name}: label values {extra} are not declared in dataset.json "
+                    f"(allowed: {sorted(allowed)})"
+                )
         except RuntimeError as e:  # SimpleITK cannot read the file
             problems.append(f"{label_path.name}: unreadable ({str(e).strip().splitlines()[-1]})")
     if problems:
         raise DatasetError(folder, problems)
     return folder
+
+
+def check_input_images(folder: str | Path, *, num_processes: int | None = None, progress: bool = True) -> list[Path]:
+    """Check the images of an nnU-Net input folder (``CASE_XXXX<ending>``) before predicting from them.
+
+    Every file :func:`nnyseg.data.integrity.input_image_files` finds is read to its end
+    (:func:`nnyseg.data.integrity.check_image_files`): truncated or corrupt files and NaN or infinite voxels are
+    refused, because nnU-Net would predict from zeros or garbage without a word.
+
+    Returns:
+        The files checked.
+
+    Raises:
+        InputImageError: ``folder`` does not exist, or listing every problem found, each naming its file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputImageError(folder, ["no such input folder"])
+    files = input_image_files(folder)
+    problems = check_image_files(files, num_processes=num_processes, progress=progress, desc=f"reading {folder.name}")
+    if problems:
+        raise InputImageError(folder, problems)
+    return files
