@@ -248,12 +248,14 @@ def _model_dataset_json(model_folder: Path) -> dict:
 
 
 def run_nnunet_stage(model_folder: Path, input_folder: Path, output_folder: Path, options: StageOptions) -> None:
-    """Predict every case of ``input_folder`` into ``output_folder`` with nnU-Net's ``nnUNetPredictor``."""
+    """Predict every case of ``input_folder`` into ``output_folder`` with nnU-Net's predictor, loading checkpoints
+    weights-only (:func:`nnyseg.nnunet_integration.safe_predictor_class`)."""
     import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnyseg.nnunet_integration import safe_predictor_class
 
     device = torch.device(options.device)
-    predictor = nnUNetPredictor(
+    predictor = safe_predictor_class()(
         use_mirroring=options.use_mirroring,
         perform_everything_on_device=device.type == "cuda",
         device=device,
