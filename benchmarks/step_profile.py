@@ -72,7 +72,7 @@ def profile_worker(args: argparse.Namespace) -> dict[str, Any]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     forward: dict[str, float] = defaultdict(float)
     backward: dict[str, float] = defaultdict(float)
-    starts: dict[int, float] = {}
+    starts: dict[tuple[int, str], float] = {}
     calls: list[tuple[str, Any, tuple]] = []
     handles = []
     recording = {"on": False}
@@ -80,11 +80,11 @@ def profile_worker(args: argparse.Namespace) -> dict[str, Any]:
     def add(name: str, module: Any) -> None:
         def fwd_pre(mod, inputs):
             sync()
-            starts[id(mod)] = time.perf_counter()
+            starts[(id(mod), name)] = time.perf_counter()
 
         def fwd_post(mod, inputs, output):
             sync()
-            forward[name] += time.perf_counter() - starts.pop(id(mod))
+            forward[name] += time.perf_counter() - starts.pop((id(mod), name))
             if recording["on"]:
                 calls.append((name, mod, tuple(_detached(i) for i in inputs)))
 
@@ -95,7 +95,8 @@ def profile_worker(args: argparse.Namespace) -> dict[str, Any]:
         top[name] = child
         if name in ("encoder", "decoder"):
             for sub, grandchild in child.named_children():
-                top[f"{name}.{sub}"] = grandchild
+                if all(grandchild is not m for m in top.values()):  # nnU-Net's decoder holds the encoder too
+                    top[f"{name}.{sub}"] = grandchild
     for name, module in top.items():
         add(f"module {name}", module)
     for module in network.modules():
