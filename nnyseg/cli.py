@@ -203,6 +203,52 @@ def _cmd_cascade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from nnyseg.segment import SegmentOptions, resolve_model_folder, segment
+
+    model = resolve_model_folder(
+        model_folder=args.model_folder,
+        dataset=args.dataset,
+        configuration=args.configuration,
+        trainer=args.trainer,
+        plans=args.plans,
+    )
+    options = SegmentOptions(
+        folds=None if args.folds is None else tuple(f if f == "all" else int(f) for f in args.folds),
+        checkpoint=args.checkpoint,
+        device=args.device,
+        use_mirroring=not args.disable_tta,
+        step_size=args.step_size,
+        num_processes_preprocessing=args.npp,
+        num_processes_export=args.nps,
+        postprocessing=args.postprocessing,
+        min_lesion_mm3=args.min_lesion_mm3,
+        progress=not args.disable_progress_bar,
+        allow_unsafe_checkpoint=True if args.allow_unsafe_checkpoint else None,
+    )
+    folders = segment(
+        args.input,
+        args.output,
+        model,
+        clinical=args.clinical,
+        series_uid=args.series_uid,
+        options=options,
+        overwrite=args.overwrite,
+    )
+    print(f"{len(folders)} case(s) written to {args.output}")
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from nnyseg.evaluation.burden import write_stats_folder
+
+    out = write_stats_folder(
+        args.masks, args.output, images=args.images, min_lesion_mm3=args.min_lesion_mm3, overwrite=args.overwrite
+    )
+    print(f"tumour burden written to {out} (with lesions.csv and cases.csv)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nnyseg.demo import DEFAULT_DEMO_MODELS, DEMO_MODELS  # standard library only: keeps --help fast
 
@@ -246,7 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-dataset", help="check a raw dataset: dataset.json, geometry, labels, NaNs")
     p.add_argument("dataset", help="dataset id, DatasetXXX_Name, or a folder")
-    p.add_argument("--headers-only", action="store_true", help="skip the NaN scan of the image voxels")
+    p.add_argument(
+        "--headers-only",
+        action="store_true",
+        help="read image headers only: no truncation/corruption check or NaN scan of the images "
+        "(labels are always read)",
+    )
     p.set_defaults(func=_cmd_check_dataset)
 
     p = sub.add_parser("doctor", help="check that the stock nnU-Net commands can find and run nnyseg")
@@ -372,6 +423,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True, help="predicted label file")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     p.set_defaults(func=_cmd_overlay)
+
+    p = sub.add_parser(
+        "segment",
+        help="segment a new patient: NIfTI or CT DICOM series in; mask, DICOM-SEG, tumour burden and PNG out",
+        description="Runs nnU-Net's predictor (the folds' ensemble and the postprocessing nnUNetv2_find_best_"
+        "configuration chose) on a NIfTI file, a folder of NIfTI files or a CT DICOM series folder, and writes "
+        "OUT/CASE/ with mask.nii.gz (on the input's grid), seg.dcm (DICOM input), stats.json, lesions.csv and "
+        "preview.png. See docs/segment.md.",
+    )
+    p.add_argument("input", help="a NIfTI file, a folder of NIfTI files, or a folder holding a CT DICOM series")
+    p.add_argument("-o", "--output", required=True, help="folder to write one folder per case into")
+    p.add_argument("-m", "--model-folder", help="trained model folder (Trainer__Plans__configuration); or -d/-c")
+    p.add_argument("-d", "--dataset", help="dataset id or name of the model in $nnUNet_results (with -c)")
+    p.add_argument("-c", "--configuration", help="nnU-Net configuration, e.g. 3d_fullres (with -d)")
+    p.add_argument("-tr", "--trainer", default="nnUNetTrainer", help="trainer class (default: %(default)s)")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default: %(default)s)")
+    p.add_argument("-f", "--folds", nargs="+", help="folds to ensemble, e.g. 0 1 2 3 4 or all (default: all present)")
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint (default: %(default)s)")
+    p.add_argument("--clinical", help="clinical table of the cases (nnY-Net clinical models), keyed by case name")
+    p.add_argument("--series-uid", help="DICOM series to read when the folder holds several")
+    p.add_argument(
+        "-device", "--device", default="auto", choices=["auto", "cuda", "cpu", "mps"], help="(default: auto)"
+    )
+    p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (faster, less accurate)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (default: %(default)s)")
+    p.add_argument("-npp", type=int, default=0, help="nnU-Net preprocessing processes; 0 with -nps 0: none (default)")
+    p.add_argument("-nps", type=int, default=0, help="nnU-Net export processes (default: 0)")
+    p.add_argument(
+        "--postprocessing",
+        default="auto",
+        help="auto (what nnUNetv2_find_best_configuration chose for the model, if anything), none, or a "
+        "postprocessing.pkl (default: auto)",
+    )
+    p.add_argument(
+        "--min-lesion-mm3",
+        type=float,
+        default=0.0,
+        help="tumour components smaller than this are not counted as lesions (default: 0, count all)",
+    )
+    p.add_argument("--disable_progress_bar", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--allow-unsafe-checkpoint",
+        action="store_true",
+        help="load checkpoints that need more than an nnU-Net checkpoint's types with full unpickling, which may run "
+        "code: only for models from a source you trust",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing case folders")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser(
+        "stats",
+        help="tumour burden of label masks, no ground truth needed: volumes, burden %%, lesions with diameters",
+        description="Liver and tumour volume, tumour burden and per-lesion volume, diameters, centroid and mean HU of "
+        "LiTS-labelled masks; writes OUT/stats.json, OUT/lesions.csv (one row per lesion) and OUT/cases.csv. See "
+        "docs/segment.md for the definitions.",
+    )
+    p.add_argument("masks", help="a label file or a folder of label files (0 background, 1 liver, 2 tumour)")
+    p.add_argument("--images", help="the CT image file, or a folder of images (CASE_0000.nii.gz), for mean HU")
+    p.add_argument("-o", "--output", required=True, help="folder to write stats.json, lesions.csv, cases.csv into")
+    p.add_argument(
+        "--min-lesion-mm3",
+        type=float,
+        default=0.0,
+        help="tumour components smaller than this are not counted as lesions (default: 0, count all)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=_cmd_stats)
 
     p = sub.add_parser("demo", help="phantom -> plan -> train tiny models on the CPU -> predict -> evaluate -> PNG")
     p.add_argument("--workdir", default="nnyseg_demo", help="folder for all demo outputs (default: %(default)s)")

@@ -3,7 +3,8 @@
 The output folder holds
 
 * ``index.html``: title, date, the folders used, the summary metrics, a colour legend, a table of contents and one
-  section per case (its metrics and its axial/coronal/sagittal overlay from :mod:`nnyseg.evaluation.overlay`);
+  section per case (its metrics, the tumour burden of its prediction from :mod:`nnyseg.evaluation.burden`, and its
+  axial/coronal/sagittal overlay from :mod:`nnyseg.evaluation.overlay`);
   plus a "Training curves" section with nnU-Net's ``progress.png`` of each fold when a results folder is given;
 * ``images/CASE.png``: the overlays; ``training/fold_K.png``: the training curves;
 * ``metrics.json``, ``per_case.csv`` and ``summary.md``: the metrics shown, as ``nnyseg evaluate -o`` writes them;
@@ -34,6 +35,7 @@ from urllib.parse import quote
 from tqdm import tqdm
 
 from nnyseg.data.validation import compare_geometry
+from nnyseg.evaluation.burden import Burden, measure_burden
 from nnyseg.evaluation.metrics import LABEL_ENDINGS, evaluate_folders, write_outputs
 from nnyseg.evaluation.overlay import COLOURS, LABEL_NAMES, LIVER, TUMOUR, render_overlay
 from nnyseg.io import atomic_folder
@@ -263,7 +265,10 @@ def write_report(
             (folder / "images" / f"{case}.png").write_bytes(overlay.png)
             region, dice = sort_score(result["per_case"][case])
             toc.append(f'<li><a href="#case-{rank}">{_esc(case)}</a>: {region} Dice {_fmt(dice)}</li>')
-            sections.append(_case_section(case, rank, result["per_case"][case], overlay.png, overlay.centre_source))
+            burden = measure_burden(files.pred)
+            sections.append(
+                _case_section(case, rank, result["per_case"][case], overlay.png, overlay.centre_source, burden)
+            )
         training = _training_section(curves, folder) if curves else ""
         write_outputs(result, folder)
         page = PAGE.substitute(
@@ -372,18 +377,45 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _case_section(case: str, rank: int, case_metrics: dict[str, Any], png: bytes, centre_source: str) -> str:
+def _burden_rows(burden: Burden) -> list[list[str]]:
+    """The prediction's tumour burden (the numbers of ``nnyseg stats``) as rows of the case section."""
+    largest = burden.lesions[0] if burden.lesions else None
+    return [
+        ["liver volume (ml)", _fmt(burden.liver_volume_ml, "_ml")],
+        ["tumour volume (ml)", _fmt(burden.tumour_volume_ml, "_ml")],
+        ["tumour burden (%)", _fmt(burden.tumour_burden_percent)],
+        ["lesions", _fmt(burden.lesion_count)],
+        [
+            "largest lesion, axial diameters (mm)",
+            _fmt(largest.longest_axial_diameter_mm, "_mm")
+            + " \N{MULTIPLICATION SIGN} "
+            + _fmt(largest.perpendicular_diameter_mm, "_mm")
+            if largest
+            else MISSING,
+        ],
+    ]
+
+
+def _case_section(
+    case: str,
+    rank: int,
+    case_metrics: dict[str, Any],
+    png: bytes,
+    centre_source: str,
+    burden: Burden | None = None,
+) -> str:
     rows = [
         [label] + [_fmt(case_metrics.get(region, {}).get(key), key) for region in REGIONS]
         for key, label in METRIC_LABELS.items()
     ]
     lesions = case_metrics.get("lesions", {})
     lesion_rows = [[label, _fmt(lesions.get(key))] for key, label in LESION_LABELS.items()]
+    burden_table = f"\n{_table(['tumour burden, prediction', ''], _burden_rows(burden))}" if burden else ""
     name = _esc(case)
     return (
         f'<section id="case-{rank}">\n<h3>{rank}. {name}</h3>\n'
         f'<div style="display: flex; gap: 2em; flex-wrap: wrap">\n'
-        f"{_table(['metric', *REGIONS], rows)}\n{_table(['tumour lesions', ''], lesion_rows)}\n</div>\n"
+        f"{_table(['metric', *REGIONS], rows)}\n{_table(['tumour lesions', ''], lesion_rows)}{burden_table}\n</div>\n"
         f'<p class="note">Axial, coronal and sagittal views through the {_esc(centre_source)}.</p>\n'
         f'<a href="{_href(f"images/{case}.png")}"><img src="{_data_uri(png)}" alt="overlay of {name}"></a>\n</section>'
     )
