@@ -137,6 +137,22 @@ def check_patch_size_for_network(
             )
 
 
+def freeze_unused_deep_supervision_heads(network: nn.Module) -> None:
+    """Stop the heads that a network built without deep supervision never runs from asking for gradients.
+
+    nnU-Net's and nnyseg's decoders build one head per stage (``decoder.seg_layers``, full resolution last) so that
+    checkpoints load with deep supervision on or off; without it only the last head runs. The others never get a
+    gradient, which single-process training does not notice but DDP does: nnU-Net wraps the network without
+    ``find_unused_parameters``, so ``nnUNetv2_train -num_gpus 2`` of a recipe without deep supervision (DynTransNet's)
+    failed in its second iteration ("Expected to have finished reduction in the prior iteration"). Training and
+    prediction are otherwise unchanged: those heads were never updated, and ``requires_grad`` is not in checkpoints.
+    """
+    heads = getattr(getattr(network, "decoder", None), "seg_layers", None)
+    if isinstance(heads, nn.ModuleList):
+        for head in list(heads)[:-1]:
+            head.requires_grad_(False)
+
+
 class nnysegTrainer(nnUNetTrainer):
     """nnU-Net's trainer with settings from a dict and plans, a patch-size check, and a choice of optimisers.
 
@@ -206,6 +222,8 @@ class nnysegTrainer(nnUNetTrainer):
         check_patch_size_for_network(
             network, configuration_manager.patch_size, configuration_manager.pool_op_kernel_sizes, where=where
         )
+        if not enable_deep_supervision:
+            freeze_unused_deep_supervision_heads(network)
         return network
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
