@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import nnyseg.trainers
-from nnyseg.demo import DEFAULT_DEMO_MODELS, DEMO_MODELS, cpu_trainer, demo_environment, run_demo
+from nnyseg.demo import DEFAULT_DEMO_MODELS, DEMO_MODELS, DEMO_TEST_CASES, cpu_trainer, demo_environment, run_demo
 from nnyseg.registry import list_models
 
 
@@ -45,7 +45,7 @@ def test_demo_runs_end_to_end_on_the_micro_phantom(tmp_path, capsys):
     out = capsys.readouterr().out
     workdir = tmp_path / "demo"
     assert set(results) == {"nnynet"}
-    assert results["nnynet"]["num_cases"] == 2
+    assert results["nnynet"]["num_cases"] == DEMO_TEST_CASES
     assert 0.0 <= results["nnynet"]["global"]["liver"]["dice"] <= 1.0
     evaluation = workdir / "evaluation" / "nnynet"
     assert {p.name for p in evaluation.iterdir()} >= {"metrics.json", "per_case.csv", "summary.md"}
@@ -53,8 +53,15 @@ def test_demo_runs_end_to_end_on_the_micro_phantom(tmp_path, capsys):
     html = (report / "index.html").read_text(encoding="utf-8")
     assert all(case in html for case in results["nnynet"]["cases"])
     pngs = sorted((report / "images").glob("*.png"))
-    assert len(pngs) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert len(pngs) == DEMO_TEST_CASES and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert (report / "training" / "fold_0.png").is_file()  # nnU-Net's progress.png, linked from the page
     # the stock commands ran: nnU-Net's own plans, the method trainer's CPU variant
     for shown in (str(report / "index.html"), "nnYNetTrainer_tiny__nnUNetPlans__3d_fullres", "mean ± SD"):
         assert shown in out
+    # the demo ends by segmenting one held-out case: its burden from nnyseg segment beside the phantom's truth
+    case = sorted(results["nnynet"]["cases"])[0]
+    stats = workdir / "segment" / case / "stats.json"
+    assert stats.is_file() and (workdir / "segment" / case / "preview.png").is_file()
+    assert f"Tumour burden of {case} (nnyseg segment): liver" in out
+    assert f"Tumour burden of {case} (the phantom's true labels): liver" in out
+    assert "tumour global Dice" in out and "lesion recall" in out

@@ -2,7 +2,8 @@
 
 phantom -> stock ``nnUNetv2_plan_and_preprocess`` (nnU-Net's default plans) -> for each method, its CPU-sized trainer
 through ``nnUNetv2_train`` for folds 0 and 1 -> ``nnUNetv2_find_best_configuration`` -> ``nnUNetv2_predict`` of the
-two-fold ensemble. Then the same for one method on nnU-Net's ResEnc M plans, and nnyseg's own ``-p nnYNetPlans``.
+two-fold ensemble; then ``--val --npz``, ``nnUNetv2_ensemble`` of two methods, and the model zip export / install /
+predict round trip. Then the same for one method on nnU-Net's ResEnc M plans, and nnyseg's own ``-p nnYNetPlans``.
 
 The subprocesses get nnU-Net's three path variables (plus CPU-sized process counts) and nothing nnyseg-specific: the
 trainer folder must reach ``nnUNet_extTrainer`` through the installed start-up hook, and each trainer must build its
@@ -56,8 +57,10 @@ def workspace(tmp_path_factory):
     # CPU-sized process counts (nnU-Net's defaults are for GPU nodes); they change speed, not results.
     env.update(nnUNet_def_n_proc="2", nnUNet_n_proc_DA="2", PYTHONUNBUFFERED="1")
 
-    def run(*cmd: str, timeout: int = 600) -> str:
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=timeout)
+    def run(*cmd: str, timeout: int = 600, env_override: dict[str, str] | None = None) -> str:
+        result = subprocess.run(
+            cmd, env={**env, **(env_override or {})}, capture_output=True, text=True, encoding="utf-8", timeout=timeout
+        )
         assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
         return result.stdout + result.stderr
 
@@ -220,6 +223,29 @@ def test_stock_commands_train_each_method_and_ensemble_two_folds(planned, worksp
     _find_best_and_predict(root, run, trainers, "nnUNetPlans", out)
     for trainer in trainers:
         _check_predictions(root, out / trainer)
+
+    # --val --npz, nnUNetv2_ensemble and the model zip round trip rebuild the same network from the saved plans.
+    nnynet, dyntransnet = METHODS["nnynet"][0], METHODS["dyntransnet"][0]
+    run(_script("nnUNetv2_train"), str(DATASET_ID), CONFIG, "0", "-tr", nnynet, "-device", "cpu", "--val", "--npz")
+    raw = _dataset_folder(root, "nnUNet_raw")
+    for trainer in (nnynet, dyntransnet):
+        run(_script("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(root / "probabilities" / trainer),
+            "-d", str(DATASET_ID), "-c", CONFIG, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "0", "-nps",
+            "0", "--disable_tta", "--save_probabilities")  # fmt: skip
+    run(_script("nnUNetv2_ensemble"), "-i", *(str(root / "probabilities" / t) for t in (nnynet, dyntransnet)),
+        "-o", str(root / "ensembled"), "-np", "2")  # fmt: skip
+    _check_predictions(root, root / "ensembled")
+    archive = root / "nnynet_model.zip"
+    run(_script("nnUNetv2_export_model_to_zip"), "-d", str(DATASET_ID), "-o", str(archive), "-c", CONFIG, "-tr",
+        nnynet, "-f", "0", "1", "--not_strict")  # fmt: skip
+    installed = root / "installed_results"
+    installed.mkdir()
+    run(_script("nnUNetv2_install_pretrained_model_from_zip"), str(archive), env_override={"nnUNet_results":
+        str(installed)})  # fmt: skip
+    run(_script("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(root / "from_zip"), "-d",
+        str(DATASET_ID), "-c", CONFIG, "-tr", nnynet, "-f", "0", "1", "-device", "cpu", "-npp", "0", "-nps", "0",
+        "--disable_tta", env_override={"nnUNet_results": str(installed)})  # fmt: skip
+    _check_predictions(root, root / "from_zip")
 
 
 def test_resenc_m_plans(planned, workspace):
