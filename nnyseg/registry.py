@@ -347,6 +347,20 @@ _CONV_KW_IMPORTS = ("conv_op", "norm_op", "dropout_op", "nonlin")
 #: nnU-Net's ResEnc encoder blocks per stage (``ResEncUNetPlanner.UNet_blocks_per_stage_encoder``).
 RESENC_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
 
+
+def _nnunet_conv_presets(
+    description: str, per_stage: Mapping[str, Any], per_decoder_stage: Mapping[str, Any]
+) -> dict[str, Preset]:
+    """Full and CPU presets of one of nnU-Net's own conv U-Nets (widths 32..320 and 8..64, nnU-Net's conv ops)."""
+    common = {"per_stage": per_stage, "per_decoder_stage": per_decoder_stage}
+    return {
+        FULL: Preset(
+            arch_kwargs={"conv_op": CONV3D, **NNUNET_CONV_OPS}, widths=(32, 320), description=description, **common
+        ),
+        TINY: Preset(**_tiny("widths 8..64", conv_op=CONV3D, **NNUNET_CONV_OPS), widths=(8, 64), **common),
+    }
+
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
@@ -516,21 +530,9 @@ MODELS: dict[str, ModelSpec] = {
             title="nnU-Net's PlainConvUNet (the baseline)",
             network_class=PlainConvUNet,
             topology=ConvUNetTopology(),
-            presets={
-                FULL: Preset(
-                    arch_kwargs={"conv_op": CONV3D, **NNUNET_CONV_OPS},
-                    widths=(32, 320),
-                    per_stage={"n_conv_per_stage": 2},
-                    per_decoder_stage={"n_conv_per_stage_decoder": 2},
-                    description="nnU-Net's default 3D U-Net",
-                ),
-                TINY: Preset(
-                    **_tiny("widths 8..64", conv_op=CONV3D, **NNUNET_CONV_OPS),
-                    widths=(8, 64),
-                    per_stage={"n_conv_per_stage": 2},
-                    per_decoder_stage={"n_conv_per_stage_decoder": 2},
-                ),
-            },
+            presets=_nnunet_conv_presets(
+                "nnU-Net's default 3D U-Net", {"n_conv_per_stage": 2}, {"n_conv_per_stage_decoder": 2}
+            ),
             kw_requires_import=_CONV_KW_IMPORTS,
         ),
         ModelSpec(
@@ -538,21 +540,11 @@ MODELS: dict[str, ModelSpec] = {
             title="nnU-Net's ResidualEncoderUNet, ResEnc M topology",
             network_class=ResidualEncoderUNet,
             topology=ConvUNetTopology(),
-            presets={
-                FULL: Preset(
-                    arch_kwargs={"conv_op": CONV3D, **NNUNET_CONV_OPS},
-                    widths=(32, 320),
-                    per_stage={"n_blocks_per_stage": RESENC_BLOCKS},
-                    per_decoder_stage={"n_conv_per_stage_decoder": 1},
-                    description="nnU-Net's ResEnc M preset network",
-                ),
-                TINY: Preset(
-                    **_tiny("widths 8..64", conv_op=CONV3D, **NNUNET_CONV_OPS),
-                    widths=(8, 64),
-                    per_stage={"n_blocks_per_stage": RESENC_BLOCKS},
-                    per_decoder_stage={"n_conv_per_stage_decoder": 1},
-                ),
-            },
+            presets=_nnunet_conv_presets(
+                "nnU-Net's ResEnc M preset network",
+                {"n_blocks_per_stage": RESENC_BLOCKS},
+                {"n_conv_per_stage_decoder": 1},
+            ),
             kw_requires_import=_CONV_KW_IMPORTS,
         ),
     )

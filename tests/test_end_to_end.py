@@ -114,32 +114,16 @@ def _find_best_and_predict(root: Path, run, trainers: list[str], plans: str, out
     )
     instructions = (_dataset_folder(root, "nnUNet_results") / "inference_instructions.txt").read_text(encoding="utf-8")
     assert "nnUNetv2_predict" in instructions and plans in instructions
-    raw = _dataset_folder(root, "nnUNet_raw")
     for trainer in trainers:
-        run(
-            _script("nnUNetv2_predict"),
-            "-i",
-            str(raw / "imagesTs"),
-            "-o",
-            str(out / trainer),
-            "-d",
-            str(DATASET_ID),
-            "-c",
-            CONFIG,
-            "-tr",
-            trainer,
-            "-p",
-            plans,
-            "-f",
-            *folds,
-            "-device",
-            "cpu",
-            "-npp",
-            "0",
-            "-nps",
-            "0",
-            "--disable_tta",
-        )
+        _predict(root, run, trainer, plans, out / trainer, folds)
+
+
+def _predict(root: Path, run, trainer: str, plans: str, out: Path, folds=("0", "1"), *extra: str, **kwargs) -> None:
+    """``nnUNetv2_predict`` of the held-out cases on the CPU, without test-time mirroring."""
+    images = _dataset_folder(root, "nnUNet_raw") / "imagesTs"
+    run(_script("nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d", str(DATASET_ID), "-c", CONFIG, "-tr",
+        trainer, "-p", plans, "-f", *folds, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta", *extra,
+        **kwargs)  # fmt: skip
 
 
 def _check_model(root: Path, model: str, trainer: str, plans: str, prefix: str, folds=(0, 1)) -> dict:
@@ -227,11 +211,8 @@ def test_stock_commands_train_each_method_and_ensemble_two_folds(planned, worksp
     # --val --npz, nnUNetv2_ensemble and the model zip round trip rebuild the same network from the saved plans.
     nnynet, dyntransnet = METHODS["nnynet"][0], METHODS["dyntransnet"][0]
     run(_script("nnUNetv2_train"), str(DATASET_ID), CONFIG, "0", "-tr", nnynet, "-device", "cpu", "--val", "--npz")
-    raw = _dataset_folder(root, "nnUNet_raw")
     for trainer in (nnynet, dyntransnet):
-        run(_script("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(root / "probabilities" / trainer),
-            "-d", str(DATASET_ID), "-c", CONFIG, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "0", "-nps",
-            "0", "--disable_tta", "--save_probabilities")  # fmt: skip
+        _predict(root, run, trainer, "nnUNetPlans", root / "probabilities" / trainer, ("0",), "--save_probabilities")
     run(_script("nnUNetv2_ensemble"), "-i", *(str(root / "probabilities" / t) for t in (nnynet, dyntransnet)),
         "-o", str(root / "ensembled"), "-np", "2")  # fmt: skip
     _check_predictions(root, root / "ensembled")
@@ -242,9 +223,7 @@ def test_stock_commands_train_each_method_and_ensemble_two_folds(planned, worksp
     installed.mkdir()
     run(_script("nnUNetv2_install_pretrained_model_from_zip"), str(archive), env_override={"nnUNet_results":
         str(installed)})  # fmt: skip
-    run(_script("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(root / "from_zip"), "-d",
-        str(DATASET_ID), "-c", CONFIG, "-tr", nnynet, "-f", "0", "1", "-device", "cpu", "-npp", "0", "-nps", "0",
-        "--disable_tta", env_override={"nnUNet_results": str(installed)})  # fmt: skip
+    _predict(root, run, nnynet, "nnUNetPlans", root / "from_zip", env_override={"nnUNet_results": str(installed)})
     _check_predictions(root, root / "from_zip")
 
 
@@ -294,29 +273,5 @@ def test_nnyseg_own_plans_still_work(planned, workspace):
     _train(run, trainer, "nnYNetPlans", folds=("0",))
     _check_model(root, "nnynet", trainer, "nnYNetPlans", "cross_attention.", folds=(0,))
     out = root / "predictions_nnynetplans"
-    raw = _dataset_folder(root, "nnUNet_raw")
-    run(
-        _script("nnUNetv2_predict"),
-        "-i",
-        str(raw / "imagesTs"),
-        "-o",
-        str(out),
-        "-d",
-        str(DATASET_ID),
-        "-c",
-        CONFIG,
-        "-tr",
-        trainer,
-        "-p",
-        "nnYNetPlans",
-        "-f",
-        "0",
-        "-device",
-        "cpu",
-        "-npp",
-        "0",
-        "-nps",
-        "0",
-        "--disable_tta",
-    )
+    _predict(root, run, trainer, "nnYNetPlans", out, ("0",))
     _check_predictions(root, out)
