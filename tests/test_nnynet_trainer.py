@@ -20,6 +20,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnyseg.data.clinical import ClinicalNormalisation, dataset_case_ids, load_clinical_table
 from nnyseg.losses.dice_focal_ce import DiceFocalCELoss
 from nnyseg.planning.planners import TINY_CONFIGURATION, nnYNetPlanner
+from nnyseg.registry import get_model
 from nnyseg.trainers.base import PLANS_SETTINGS_KEY
 from nnyseg.trainers.nnynet import CLINICAL_NORMALISATION_FILE, nnYNetTrainer
 from tests.conftest import QUICK_TRAINER_SETTINGS, plan_micro_phantom
@@ -114,11 +115,13 @@ def test_recipe_settings_optimiser_scheduler_and_loss(workspace):
     optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
     assert type(optimizer) is torch.optim.AdamW
     group = optimizer.param_groups[0]
-    assert group["lr"] == pytest.approx(1e-4) and group["weight_decay"] == pytest.approx(1e-5)
+    cpu = get_model("nnynet").preset("tiny").trainer_settings  # the CPU preset's schedule overrides the recipe's
+    lr, epochs = cpu["initial_lr"], cpu["num_epochs"]
+    assert group["lr"] == pytest.approx(lr) and group["weight_decay"] == pytest.approx(1e-5)
     assert isinstance(scheduler, PolyLRScheduler)
-    assert scheduler.max_steps == trainer.num_epochs == 10  # the tiny preset's override of the 1000 epochs
+    assert scheduler.max_steps == trainer.num_epochs == epochs != 1000
     scheduler.step(5)
-    assert group["lr"] == pytest.approx(1e-4 * (1 - 5 / 10) ** 0.9)
+    assert group["lr"] == pytest.approx(lr * (1 - 5 / epochs) ** 0.9)
 
     loss = trainer.loss
     assert isinstance(loss, DeepSupervisionWrapper) and isinstance(loss.loss, DiceFocalCELoss)
