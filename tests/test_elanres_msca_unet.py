@@ -14,6 +14,7 @@ from nnyseg.network_architecture.building_blocks.elan import ELANResBlock
 from nnyseg.network_architecture.building_blocks.msca import MSCABlock, MSCAttention
 from nnyseg.network_architecture.building_blocks.reparam import RepConv
 from nnyseg.network_architecture.elanres_msca_unet import ELANResMSCAUNet, PlainConvBlock
+from nnyseg.registry import get_model
 
 FEATURES = (4, 8, 16)
 ISO = {"kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]]}
@@ -242,11 +243,14 @@ def test_encoder_exposes_dna_contract():
 
 def test_initialize_follows_nnunet():
     net = make_net(ISO)
+    aggregation_norms = {id(m.fuse.norm) for m in net.modules() if isinstance(m, ELANResBlock)}
+    assert aggregation_norms
     for m in net.modules():
         if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) and m.bias is not None:
             assert torch.all(m.bias == 0)
         if isinstance(m, nn.BatchNorm3d):
-            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+            expected = 0.0 if id(m) in aggregation_norms else 1.0  # zero-init residual branches
+            assert torch.all(m.weight == expected) and torch.all(m.bias == 0)
     stem = net.get_submodule(net.keys_to_in_proj[0])
     fan_in = math.prod(stem.weight.shape[1:])
     assert abs(stem.weight.std().item() - math.sqrt(2 / (1 + 1e-4) / fan_in)) < 0.5 * math.sqrt(2 / fan_in)
@@ -289,3 +293,47 @@ def test_build_from_plans_like_nnunet():
         single = net(x)
     assert isinstance(single, torch.Tensor) and tuple(single.shape) == (1, 3, 8, 32, 32)
     assert net.compute_conv_feature_map_size((8, 32, 32)) > 0
+
+
+@pytest.mark.parametrize("in_channels", [8, 6], ids=["identity_shortcut", "projection_shortcut"])
+def test_fresh_elanres_block_is_its_shortcut(in_channels):
+    torch.manual_seed(0)
+    block = ELANResBlock(in_channels, 8, 3).eval()
+    x = torch.randn(2, in_channels, 6, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), block.shortcut(x), rtol=0, atol=0)
+    assert not torch.equal(ELANResBlock(in_channels, 8, 3, zero_init_residual=False).eval()(x), block.shortcut(x))
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_briefly_trained_network_keeps_finite_half_precision_logits(norm):
+    """nnU-Net's predictor accumulates logits x Gaussian (peak 10) in float16: an under-trained BatchNorm network
+    whose residual branches start at full weight reached |logit| ~1e4 in eval mode and aborted prediction."""
+    torch.manual_seed(0)
+    net, patch, _ = get_model("elanres_msca").build(
+        [24, 40, 48], spacing=[8.0, 6.0, 6.0], preset="tiny", num_classes=3, overrides={"norm": norm}
+    )  # the end-to-end tests' phantom configuration
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    x = torch.randn(2, 1, *patch)
+    for _ in range(2):  # the end-to-end tests' schedule: running statistics far from converged
+        optimizer.zero_grad()
+        sum(o.float().mean() for o in net.train()(x)).backward()
+        optimizer.step()
+    net.eval().decoder.deep_supervision = False
+    with torch.no_grad():
+        logits = net(x)
+    assert logits.abs().max() * 10 < torch.finfo(torch.half).max / 10  # a tenfold margin below overflow
+
+
+def test_zero_initialised_residual_branch_learns():
+    net = make_net(ISO).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True)  # nnU-Net's optimiser
+    x, target = torch.randn(2, 1, 8, 32, 32), torch.randn(2, 3, 8, 32, 32)
+    block = net.encoder.stages[1].block
+    before = [p.detach().clone() for p in block.chain.parameters()]
+    for _ in range(3):
+        optimizer.zero_grad()
+        (net(x)[0] - target).square().mean().backward()
+        optimizer.step()
+    assert block.fuse.norm.weight.abs().max() > 0
+    assert any(not torch.equal(b, p) for b, p in zip(before, block.chain.parameters(), strict=True))

@@ -514,8 +514,12 @@ class ELANResMSCAUNet(AbstractDynamicNetworkArchitectures):
 
     @staticmethod
     def initialize(module: nn.Module) -> None:
-        """He init (``kaiming_normal_``, a = 1e-2) for convolutions, zero biases, unit affine norms."""
-        if isinstance(module, _ConvNd):
+        """He init (``kaiming_normal_``, a = 1e-2) for convolutions, zero biases, unit affine norms, except each
+        ELANRes block's aggregation norm, which starts at 0 (``ELANResBlock.reset_residual_branch``; ``apply``
+        visits a block after its children)."""
+        if isinstance(module, ELANResBlock):
+            module.reset_residual_branch()
+        elif isinstance(module, _ConvNd):
             nn.init.kaiming_normal_(module.weight, a=1e-2)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)

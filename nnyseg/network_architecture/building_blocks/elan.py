@@ -8,6 +8,10 @@ For an input with C_in channels, output C_out and width c = C_out // 2:
 - ``y = CNA_1(cat[a, b, r_1, ..., r_depth])`` ((2 + depth) c -> C_out);
 - ``out = y + shortcut(x)``, the shortcut being the identity if C_in == C_out, else a 1x1 conv + norm.
 
+The norm of ``y`` starts with weight 0 (``zero_init_residual``), so a fresh block is its shortcut: without it every
+block's output variance roughly doubles in eval mode while BatchNorm still holds its initial running statistics,
+and a briefly trained network's logits overflow nnU-Net's float16 prediction buffer (docs/elanres_msca.md).
+
 References:
     Wang C.-Y. et al., "YOLOv7", CVPR 2023 (ELAN, ``cfg/training/yolov7.yaml``).
     Song Z., Wu W., Wu S., Sensors 25(6):1814, 2025 (ELANResBlock).
@@ -41,6 +45,8 @@ class ELANResBlock(nn.Module):
         repconv: If True the chain uses ``RepConv``; if False plain k-sized conv-norm-act.
         repconv_depth: Length of the chain (1 or more; 2 by default, 4 for YOLOv7's ELAN).
         hidden_channels: Width c of the branches; ``None`` gives ``out_channels // 2``.
+        zero_init_residual: Start the aggregation's norm weight at 0, so the block starts as its shortcut
+            (Goyal et al. 2017); re-applied by :meth:`reset_residual_branch`.
 
     Raises:
         ValueError: For non-positive channel counts or depth.
@@ -60,6 +66,7 @@ class ELANResBlock(nn.Module):
         repconv: bool = True,
         repconv_depth: int = 2,
         hidden_channels: int | None = None,
+        zero_init_residual: bool = True,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 2:
@@ -90,6 +97,14 @@ class ELANResBlock(nn.Module):
         else:
             shortcut_ops = dict(ops, nonlin=None)
             self.shortcut = ConvNormAct(in_channels, out_channels, 1, **shortcut_ops)
+        self.zero_init_residual = zero_init_residual
+        self.reset_residual_branch()
+
+    def reset_residual_branch(self) -> None:
+        """Zeroes the aggregation's norm weight when ``zero_init_residual`` (for network-wide re-initialisation)."""
+        norm = self.fuse.norm
+        if self.zero_init_residual and norm is not None and getattr(norm, "weight", None) is not None:
+            nn.init.zeros_(norm.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = [self.branch_a(x), self.branch_b(x)]
