@@ -19,6 +19,7 @@ Usage::
     python benchmarks/bench.py                                  # all architectures, 64^3, batch 2
     python benchmarks/bench.py --archs plain elanres elanres_fused --patch 128 128 128 --device cuda
     python benchmarks/bench.py --tiny --patch 32 32 32 --batch 1 --repeats 1 --warmup 0 --device cpu --no-append
+    python benchmarks/bench.py --archs all monai          # with MONAI's SwinUNETR and MedNeXt (pip install monai)
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class ArchSpec:
         fused: Whether ``switch_to_deploy()`` is applied before inference (inference only, no training step).
         description: One line for ``--help``.
         arch_kwargs: Overrides of the plans' ``arch_kwargs``: an ablation switch, as a plans configuration sets it.
+        external: Whether the row is a published relative built by :func:`build_external` (MONAI), not a registry
+            model; measured only when named, since MONAI is a benchmark-only extra (``pip install monai``).
     """
 
     key: str
@@ -102,6 +105,39 @@ class ArchSpec:
     fused: bool = False
     description: str = ""
     arch_kwargs: tuple[tuple[str, Any], ...] = ()
+    external: bool = False
+
+
+#: Published relatives, measured with the same loss and step as our networks but without deep supervision (neither
+#: network has nnU-Net's; their single output gets nnU-Net's loss). ``--tiny`` builds the CPU-sized counterpart.
+EXTERNAL_ROWS = {
+    "monai_swinunetr": "MONAI SwinUNETR, feature size 48 (tiny: 12, depths 1-1-1-1, window 4); pip install monai",
+    "monai_mednext": "MONAI MedNeXt-B, kernel 3 (tiny: MedNeXt-S with 8 initial filters); pip install monai",
+}
+
+
+def build_external(key: str, patch_size: Sequence[int], *, tiny: bool, num_classes: int) -> Any:
+    """Builds an :data:`EXTERNAL_ROWS` network (deep supervision off); raises ``ImportError`` without MONAI."""
+    try:
+        with _quiet_stdout():
+            from monai.networks.nets import MedNeXt, SwinUNETR
+            from monai.networks.nets.mednext import create_mednext
+    except ImportError as err:
+        raise ImportError(f"row {key!r} needs MONAI, a benchmark-only extra: pip install monai") from err
+    if key == "monai_swinunetr":
+        if tiny:
+            return SwinUNETR(
+                INPUT_CHANNELS, num_classes, feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4
+            )
+        return SwinUNETR(INPUT_CHANNELS, num_classes, feature_size=48)
+    if key == "monai_mednext":
+        if tiny:
+            return MedNeXt(
+                init_filters=8, in_channels=INPUT_CHANNELS, out_channels=num_classes, kernel_size=3,
+                blocks_down=(2, 2, 2, 2), blocks_up=(2, 2, 2, 2), use_residual_connection=True,
+            )  # fmt: skip
+        return create_mednext("B", in_channels=INPUT_CHANNELS, out_channels=num_classes, kernel_size=3)
+    raise KeyError(f"no external row {key!r}")
 
 
 #: Row keys of registry models whose key is not the row name (short names kept from earlier result tables).
@@ -143,12 +179,15 @@ def architecture_specs() -> dict[str, ArchSpec]:
             specs[f"{key}_{switch}"] = ArchSpec(
                 f"{key}_{switch}", name, description=f"{model.title}, {switch}", arch_kwargs=tuple(kwargs.items())
             )
+    for key, description in EXTERNAL_ROWS.items():
+        specs[key] = ArchSpec(key, key, description=description, external=True)
     return specs
 
 
 def resolve_archs(requested: Sequence[str] | None, specs: dict[str, ArchSpec] | None = None) -> list[str]:
-    """Turns ``--archs`` into row keys: ``None`` or ``all`` means every architecture (ablation rows excluded);
-    ``ablations`` means each ablation row after the full network it ablates; registry keys are aliases.
+    """Turns ``--archs`` into row keys: ``None`` or ``all`` means every architecture (ablation and MONAI rows
+    excluded); ``ablations`` means each ablation row after the full network it ablates; ``monai`` the MONAI rows;
+    registry keys are aliases.
 
     The baseline ``plain`` is always included, first.
 
@@ -157,11 +196,14 @@ def resolve_archs(requested: Sequence[str] | None, specs: dict[str, ArchSpec] | 
     """
     specs = architecture_specs() if specs is None else specs
     ablation_keys = {k for k, spec in specs.items() if spec.arch_kwargs}
+    external_keys = [k for k, spec in specs.items() if spec.external]
     aliases = {spec.model: spec.key for spec in specs.values() if not spec.fused and not spec.arch_kwargs}
     keys: list[str] = []
     for name in requested or ["all"]:
         if name == "all":
-            keys += [k for k in specs if k not in ablation_keys]
+            keys += [k for k in specs if k not in ablation_keys and k not in external_keys]
+        elif name == "monai":
+            keys += external_keys
         elif name == "ablations":
             for key in ablation_keys & set(specs):
                 keys += [aliases[specs[key].model], key]
@@ -169,7 +211,9 @@ def resolve_archs(requested: Sequence[str] | None, specs: dict[str, ArchSpec] | 
         else:
             key = name if name in specs else aliases.get(name)
             if key is None:
-                raise ValueError(f"unknown architecture {name!r}; choose from: all, ablations, {', '.join(specs)}")
+                raise ValueError(
+                    f"unknown architecture {name!r}; choose from: all, ablations, monai, {', '.join(specs)}"
+                )
             keys.append(key)
     ordered = [BASELINE] + [k for k in keys if k != BASELINE]
     return list(dict.fromkeys(ordered))
@@ -360,9 +404,13 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "requested_patch": list(args.patch),
         "batch": args.batch,
     }
-    network, patch, architecture = build_architecture(
-        spec, args.patch, spacing=args.spacing, tiny=args.tiny, num_classes=args.num_classes
-    )
+    if spec.external:
+        network = build_external(spec.key, args.patch, tiny=args.tiny, num_classes=args.num_classes)
+        patch, architecture = list(args.patch), None
+    else:
+        network, patch, architecture = build_architecture(
+            spec, args.patch, spacing=args.spacing, tiny=args.tiny, num_classes=args.num_classes
+        )
     patch = [int(p) for p in patch]
     result["patch"] = patch
     result["network_class"] = type(network).__name__
@@ -405,8 +453,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if not args.forward_only:
         # One training step as nnUNetTrainer.train_step (data already on the device).
         network.train()
-        bare.decoder.deep_supervision = True
-        scales = deep_supervision_scales(architecture["arch_kwargs"]["strides"])
+        set_deep_supervision(bare, True)
+        scales = (
+            [[1.0] * len(patch)] if spec.external else deep_supervision_scales(architecture["arch_kwargs"]["strides"])
+        )
         loss_fn = build_loss(len(scales))
         target = torch.randint(0, args.num_classes, (args.batch, 1, *patch), dtype=torch.int16)
         targets = [t.to(device) for t in make_ds_targets(target, scales)]
@@ -422,6 +472,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             with autocast():
                 outputs = network(x)
+                if spec.external:
+                    outputs = [outputs]  # one output, nnU-Net's loss with weight 1
                 if not checked:
                     check_ds_outputs(spec.key, outputs, targets)
                     checked = True
@@ -457,7 +509,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         result["params_m"] = count_inference_parameters(bare) / 1e6  # the fused kernels it runs
 
     network.eval()
-    bare.decoder.deep_supervision = False
+    set_deep_supervision(bare, False)
 
     def infer() -> None:
         with torch.inference_mode(), autocast():
@@ -467,6 +519,13 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if not is_cuda:
         result["peak_rss_gib"] = peak_rss_gib()
     return result
+
+
+def set_deep_supervision(network: Any, enabled: bool) -> None:
+    """nnU-Net's switch (``network.decoder.deep_supervision``); MONAI's rows are built without it."""
+    decoder = getattr(network, "decoder", None)
+    if decoder is not None and hasattr(decoder, "deep_supervision"):
+        decoder.deep_supervision = enabled
 
 
 def check_ds_outputs(key: str, outputs: Any, targets: Sequence[Any]) -> None:

@@ -188,6 +188,26 @@ def test_architecture_selection():
         bench.main(["--archs", "nope", "--no-append"])
 
 
+def test_monai_rows_only_on_request():
+    specs = bench.architecture_specs()
+    assert not any(specs[k].external for k in bench.resolve_archs(["all"]))
+    assert bench.resolve_archs(["monai"]) == ["plain", "monai_swinunetr", "monai_mednext"]
+    assert bench.resolve_archs(["nnynet", "monai_swinunetr"]) == ["plain", "nnynet", "monai_swinunetr"]
+
+
+@pytest.mark.parametrize("tiny", [True, False], ids=["tiny", "full"])
+def test_monai_rows_build_the_published_networks(tiny):
+    pytest.importorskip("monai")
+    swin = bench.build_external("monai_swinunetr", [64, 64, 64], tiny=tiny, num_classes=3)
+    mednext = bench.build_external("monai_mednext", [64, 64, 64], tiny=tiny, num_classes=3)
+    assert type(swin).__name__ == "SwinUNETR" and type(mednext).__name__ == "MedNeXt"
+    n_swin = sum(p.numel() for p in swin.parameters()) / 1e6
+    if not tiny:
+        assert 60 < n_swin < 65  # SwinUNETR at feature size 48: 62.2 M parameters
+    with torch.no_grad():
+        assert mednext(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+
+
 def _fake_result(key: str, patch: list[int], train: float | None, infer: float) -> dict:
     result = {
         "arch": key,

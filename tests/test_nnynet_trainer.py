@@ -22,7 +22,7 @@ from nnyseg.losses.dice_focal_ce import DiceFocalCELoss
 from nnyseg.planning.planners import TINY_CONFIGURATION, nnYNetPlanner
 from nnyseg.registry import get_model
 from nnyseg.trainers.base import PLANS_SETTINGS_KEY
-from nnyseg.trainers.nnynet import CLINICAL_NORMALISATION_FILE, nnYNetTrainer
+from nnyseg.trainers.nnynet import CLINICAL_NORMALISATION_FILE, YBRANCH_TRACE_FILE, nnYNetTrainer
 from tests.conftest import QUICK_TRAINER_SETTINGS, plan_micro_phantom
 
 DATASET_ID = 994
@@ -295,6 +295,63 @@ def test_short_training_run_clinical_mode_feeds_each_cases_row(workspace):
     assert again.clinical_normalisation.to_dict() == saved
     table = load_clinical_table(workspace["raw"])
     assert again.clinical_table.rows == table.rows
+
+
+def test_ybranch_lr_scale_gives_the_branch_its_own_learning_rate_under_the_poly_schedule(workspace):
+    plans = deepcopy(workspace["plans"])
+    plans["configurations"]["scaled"] = {
+        "inherits_from": CLINICAL,
+        PLANS_SETTINGS_KEY: {**SHORT, "num_epochs": 10, "ybranch_lr_scale": 10.0},
+    }
+    trainer = make_trainer(workspace, "scaled", plans)
+    trainer.initialize()
+    main, branch = trainer.optimizer.param_groups
+    branch_ids = {id(p) for p in trainer.network.cross_attention.parameters()}
+    assert {id(p) for p in branch["params"]} == branch_ids
+    assert not branch_ids & {id(p) for p in main["params"]}
+    assert len(main["params"]) + len(branch["params"]) == len(list(trainer.network.parameters()))
+    initial_lr = trainer.resolved_settings["initial_lr"]
+    for epoch in (0, 3, 9):
+        trainer.lr_scheduler.step(epoch)
+        poly = initial_lr * (1 - epoch / 10) ** 0.9  # nnU-Net's PolyLR
+        assert main["lr"] == pytest.approx(poly) and branch["lr"] == pytest.approx(10 * poly)
+
+    default = make_trainer(workspace, CLINICAL_RUN)
+    default.initialize()
+    main, branch = default.optimizer.param_groups  # the recipe's default: 5x (docs/nnynet.md, issue #15)
+    assert branch["lr"] == pytest.approx(5 * main["lr"])
+    plans["configurations"]["scaled"][PLANS_SETTINGS_KEY]["ybranch_lr_scale"] = 1.0
+    unscaled = make_trainer(workspace, "scaled", plans)
+    unscaled.initialize()
+    assert len(unscaled.optimizer.param_groups) == 1  # scale 1: nnU-Net's single group, the behaviour before
+    plans["configurations"]["scaled"][PLANS_SETTINGS_KEY]["ybranch_lr_scale"] = 0.0
+    with pytest.raises(ValueError, match="ybranch_lr_scale must be > 0"):
+        make_trainer(workspace, "scaled", plans).initialize()
+
+
+def test_ybranch_trace_records_film_sizes_gradients_and_the_flip_effect_per_epoch(workspace):
+    plans = deepcopy(workspace["plans"])
+    plans["configurations"]["traced"] = {
+        "inherits_from": CLINICAL,
+        PLANS_SETTINGS_KEY: {**SHORT, "num_epochs": 2, "ybranch_trace": True},
+    }
+    trainer = make_trainer(workspace, "traced", plans)
+    trainer.run_training()
+    trace = json.loads((Path(trainer.output_folder) / YBRANCH_TRACE_FILE).read_text(encoding="utf-8"))
+    assert [r["epoch"] for r in trace] == [0, 1]
+    films = trainer._film_layers()
+    assert list(trace[-1]["film_weight_norm"]) == list(films) == ["bottleneck", *[f"level_{i}" for i in range(5)]]
+    for name, film in films.items():
+        assert trace[-1]["film_weight_norm"][name] == pytest.approx(float(film.weight.detach().norm()), rel=1e-6)
+        assert trace[-1]["film_grad_norm"][name] > 0  # every FiLM got a gradient in every epoch
+    assert list(trace[-1]["flip_effect"]) == ["diagnosis"]  # categorical fields only
+    assert trace[-1]["flip_effect"]["diagnosis"] > 0  # trained FiLMs: the diagnosis moves the output
+    # zero FiLMs make the branch the identity, so no diagnosis can change the output
+    with torch.no_grad():
+        for film in films.values():
+            film.weight.zero_()
+            film.bias.zero_()
+    assert trainer._flip_effects() == {"diagnosis": 0.0}
 
 
 # ------------------------------------------------------------------------------------------------------- prediction

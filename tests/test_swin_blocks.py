@@ -245,6 +245,18 @@ def test_clinical_tokenizer_field_dropout_only_in_training() -> None:
     assert 0.35 < dropped < 0.65
 
 
+@pytest.mark.parametrize("std", [0.02, 1.0])
+def test_clinical_tokenizer_token_std_sets_the_initial_scale(std: float) -> None:
+    torch.manual_seed(0)
+    tok = ClinicalTokenizer(SCHEMA, 256, token_std=std)
+    expected = 0.880 if std == 1.0 else std  # trunc-normal cut at +-2: 2 SD for std 1 (SD 0.880), none for 0.02
+    for param in (tok.numeric_weight, tok.numeric_bias, tok.missing_tokens, tok.category_embedding.weight):
+        assert param.detach().std().item() == pytest.approx(expected, rel=0.1)
+    assert "token_std=" in repr(tok)
+    with pytest.raises(ValueError, match="token_std"):
+        ClinicalTokenizer(SCHEMA, 4, token_std=0.0)
+
+
 def test_schema_validation() -> None:
     assert [f["n_categories"] for f in parse_clinical_schema(SCHEMA)] == [0, 2, 0]
     bad_schemas = [

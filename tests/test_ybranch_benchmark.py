@@ -82,3 +82,49 @@ def test_a_model_blind_to_the_diagnosis_is_charged_for_the_benign_lesions(
     expected = 2 * true_positives / (2 * true_positives + false_positives)
     assert scores["tumour_global_dice"] == pytest.approx(expected)
     assert np.isfinite(scores["liver_global_dice"])
+
+
+def _seed_scores(clinical: float, latent: float, flipped: float, benign_clinical: int, benign_latent: int) -> dict:
+    def mode(dice: float, benign: int) -> dict:
+        return {"tumour_global_dice": dice, "tumour_voxels_in_benign_cases": benign}
+
+    return {
+        "clinical": mode(clinical, benign_clinical),
+        "latent": mode(latent, benign_latent),
+        ybranch.FLIPPED: mode(flipped, 0),
+    }
+
+
+@pytest.mark.parametrize(
+    ("scores", "met"),
+    [
+        ((0.80, 0.70, 0.50, 500, 1000), True),  # +0.10 margin, 0.30 flip cost, benign ratio exactly 0.5
+        ((0.74, 0.70, 0.50, 100, 1000), False),  # margin +0.04
+        ((0.80, 0.70, 0.71, 100, 1000), False),  # flip cost 0.09
+        ((0.80, 0.70, 0.50, 501, 1000), False),  # benign ratio 0.501
+    ],
+)
+def test_criteria_are_issue_15s_three_thresholds(scores: tuple, met: bool) -> None:
+    result = ybranch.criteria(_seed_scores(*scores))
+    clinical, latent, flipped, benign_clinical, benign_latent = scores
+    assert result["margin"] == pytest.approx(clinical - latent)
+    assert result["flip_cost"] == pytest.approx(clinical - flipped)
+    assert result["benign_ratio"] == pytest.approx(benign_clinical / benign_latent)
+    assert result["met"] is met
+
+
+def test_settings_and_trace_rows() -> None:
+    assert ybranch.parse_setting("ca_token_std=0.02") == ("ca_token_std", 0.02)
+    assert ybranch.parse_setting("ca_film_levels=bottleneck") == ("ca_film_levels", "bottleneck")
+    with pytest.raises(Exception, match="KEY=VALUE"):
+        ybranch.parse_setting("ca_token_std")
+    record = {
+        "epoch": 3,
+        "film_weight_norm": {"bottleneck": 1.5, "level_0": 0.25},
+        "film_grad_norm": {"bottleneck": 0.01, "level_0": 0.5},
+        "flip_effect": {"diagnosis": 0.125},
+        "category_token_norm": 0.3,
+    }
+    rows = ybranch.trace_table([record])
+    assert len(rows) == 3 and rows[0].count("|") == rows[1].count("|") == rows[2].count("|")
+    assert rows[2] == "| 3 | 1.5 | 0.25 | 0.01 | 0.5 | 0.125 | 0.3 |"

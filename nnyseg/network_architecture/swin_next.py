@@ -197,6 +197,9 @@ class SwinNeXtUNet(nn.Module):
         ca_film_levels: Where the branch's output goes: ``"all"`` (default) the bottleneck and the output of every
             decoder level, each through its own zero-initialised FiLM layer; ``"bottleneck"`` the bottleneck only.
             Why the default: docs/nnynet.md, "Where the Y branch acts".
+        ca_token_std: Initial scale of the clinical tokens. Why the default: docs/nnynet.md, "Why the Y branch was
+            fragile".
+        ca_field_dropout: Training-time probability of hiding a clinical field (its missing token is used instead).
         use_checkpoint: Gradient checkpointing for every Swin, conv and MedNeXt block.
     """
 
@@ -221,6 +224,8 @@ class SwinNeXtUNet(nn.Module):
         n_latent_tokens: int = 4,
         ca_heads: int = 12,
         ca_film_levels: str = "all",
+        ca_token_std: float = 1.0,
+        ca_field_dropout: float = 0.15,
         use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
@@ -275,6 +280,8 @@ class SwinNeXtUNet(nn.Module):
             clinical_schema=clinical_schema,
             n_latent=n_latent_tokens,
             num_heads=ca_heads,
+            token_std=ca_token_std,
+            field_dropout=ca_field_dropout,
             # decoder level s (deepest first) outputs the channels of encoder level -(s + 2)
             level_channels=self.encoder.output_channels[-2::-1] if ca_film_levels == "all" else (),
         )

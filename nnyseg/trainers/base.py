@@ -234,9 +234,17 @@ class nnysegTrainer(nnUNetTrainer):
         """
         super().set_deep_supervision_enabled(enabled and self.enable_deep_supervision)
 
+    def optimizer_parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups: one group of every parameter by default. A group may carry
+        ``lr_scale``, a factor on ``initial_lr`` that the learning-rate schedule keeps (group 0 is nnU-Net's logged
+        learning rate)."""
+        return [{"params": list(self.network.parameters())}]
+
     def configure_optimizers(self):
         s = self.resolved_settings
-        params = self.network.parameters()
+        params = [
+            {**group, "lr": s["initial_lr"] * group.get("lr_scale", 1.0)} for group in self.optimizer_parameter_groups()
+        ]
         if s["optimizer"] == "sgd":
             optimizer = torch.optim.SGD(
                 params, s["initial_lr"], weight_decay=s["weight_decay"], momentum=s["momentum"], nesterov=True
@@ -247,7 +255,7 @@ class nnysegTrainer(nnUNetTrainer):
             optimizer = torch.optim.Adam(params, s["initial_lr"], weight_decay=s["weight_decay"])
 
         if s["lr_schedule"] == "poly":
-            scheduler = PolyLRScheduler(optimizer, s["initial_lr"], self.num_epochs)
+            scheduler = _GroupPolyLR(optimizer, s["initial_lr"], self.num_epochs)
         elif s["lr_schedule"] == "step":
             scheduler = _EpochStepLR(optimizer, s["lr_step_size"], s["lr_step_gamma"])
         else:
@@ -308,6 +316,20 @@ class nnysegMethodTrainer(nnysegTrainer):
         return super().build_network_architecture(
             plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision
         )
+
+
+class _GroupPolyLR(PolyLRScheduler):
+    """nnU-Net's PolyLR applied to each parameter group's own initial learning rate (nnU-Net's sets one learning rate
+    for every group); identical to nnU-Net's for a single group."""
+
+    def step(self, current_step: int | None = None) -> None:
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        factor = (1 - current_step / self.max_steps) ** self.exponent
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base_lr * factor
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 class _EpochStepLR(torch.optim.lr_scheduler.StepLR):

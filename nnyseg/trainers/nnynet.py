@@ -4,8 +4,9 @@ Liu H, Tao Z, Dong W, Sun Q. "nnY-Net: Swin-NeXt with Cross-Attention for 3D Med
 arXiv:2501.01406 (2025). What the paper states and what nnyseg chose is in ``docs/nnynet.md``; the recipe here:
 AdamW, lr 1e-4, weight decay 1e-5, PolyLR (exponent 0.9), nnU-Net's 1000 epochs x 250 iterations,
 :class:`~nnyseg.losses.dice_focal_ce.DiceFocalCELoss` (Dice + focal + CE, weights 1/1/1, gamma 2, no alpha) inside
-nnU-Net's ``DeepSupervisionWrapper``. Every number is an entry of :attr:`nnYNetTrainer.settings` and can be
-overridden per plans configuration under ``"nnyseg_trainer_settings"``.
+nnU-Net's ``DeepSupervisionWrapper``; the cross-attention branch trains at 5x the learning rate
+(``ybranch_lr_scale``; docs/nnynet.md, "Why the Y branch was fragile"). Every number is an entry of
+:attr:`nnYNetTrainer.settings` and can be overridden per plans configuration under ``"nnyseg_trainer_settings"``.
 
 ``nnUNetv2_train ID 3d_fullres FOLD -tr nnYNetTrainer`` trains nnY-Net from nnU-Net's default plans (or any other
 plans; see :class:`~nnyseg.trainers.base.nnysegMethodTrainer`); ``nnYNetTrainer_tiny`` trains the CPU-sized network.
@@ -31,6 +32,7 @@ the features: the network warns once and uses its learned missing-value tokens.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -58,6 +60,7 @@ from nnyseg.trainers.base import NNUNET_DEFAULT_SETTINGS, nnysegMethodTrainer
 __all__ = [
     "CLINICAL_NORMALISATION_FILE",
     "NNYNET_SETTINGS",
+    "YBRANCH_TRACE_FILE",
     "nnYNetTrainer",
     "nnYNetTrainer_tiny",
 ]
@@ -80,8 +83,13 @@ NNYNET_SETTINGS: Mapping[str, Any] = MappingProxyType(
         "loss_weight_ce": 1.0,
         "focal_gamma": 2.0,
         "focal_alpha": None,  # None, a float in [0, 1] or one weight per output channel (see DiceFocalCELoss)
+        "ybranch_trace": False,  # clinical mode: write fold_X/ybranch_trace.json, one record per epoch
+        "ybranch_lr_scale": 5.0,  # learning rate of the cross-attention branch relative to initial_lr (issue #15)
     }
 )
+
+#: File in ``fold_X`` with the Y branch's per-epoch trace (setting ``ybranch_trace``; docs/nnynet.md).
+YBRANCH_TRACE_FILE = "ybranch_trace.json"
 
 
 class nnYNetTrainer(nnysegMethodTrainer):
@@ -147,6 +155,9 @@ class nnYNetTrainer(nnysegMethodTrainer):
 
     def initialize(self) -> None:
         super().initialize()
+        self._trace_grad_sums: dict[str, float] = {}
+        self._trace_steps = 0
+        self._trace_batch: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None
         if self.cross_attention_mode == "clinical":
             self._setup_clinical()
         else:
@@ -228,7 +239,106 @@ class nnYNetTrainer(nnysegMethodTrainer):
 
     def train_step(self, batch: dict) -> dict:
         with self._clinical_condition(batch["keys"]):
-            return super().train_step(batch)
+            result = super().train_step(batch)
+        if self._tracing():
+            self._trace_step(batch)
+        return result
+
+    def optimizer_parameter_groups(self) -> list[dict[str, Any]]:
+        """With ``ybranch_lr_scale`` != 1, the cross-attention branch's parameters form a second group with that
+        factor on the learning rate."""
+        scale = float(self.resolved_settings["ybranch_lr_scale"])
+        if not scale > 0:
+            raise ValueError(f"{self._where()}: ybranch_lr_scale must be > 0, got {scale!r}")
+        branch = getattr(self._bare_network(), "cross_attention", None)
+        branch_params = list(branch.parameters()) if branch is not None else []
+        if scale == 1.0 or not branch_params:
+            return super().optimizer_parameter_groups()
+        in_branch = {id(p) for p in branch_params}
+        rest = [p for p in self.network.parameters() if id(p) not in in_branch]
+        return [{"params": rest}, {"params": branch_params, "lr_scale": scale}]
+
+    # ------------------------------------------------------------------------------------------------ Y-branch trace
+    def _tracing(self) -> bool:
+        return bool(self.resolved_settings["ybranch_trace"]) and self.clinical_normalisation is not None
+
+    def _film_layers(self) -> dict[str, nn.Linear]:
+        branch = self._bare_network().cross_attention
+        return {"bottleneck": branch.film, **{f"level_{i}": film for i, film in enumerate(branch.level_films)}}
+
+    def _trace_step(self, batch: dict) -> None:
+        """Accumulates the FiLM layers' gradient norms (nnU-Net leaves the last step's gradients in place) and keeps
+        the batch for the epoch's flip measurement."""
+        for name, film in self._film_layers().items():
+            grad = film.weight.grad
+            if grad is not None:
+                self._trace_grad_sums[name] = self._trace_grad_sums.get(name, 0.0) + float(grad.detach().norm())
+        self._trace_steps += 1
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        self._trace_batch = (batch["data"], target, list(batch["keys"]))
+
+    @torch.no_grad()
+    def _flip_effects(self) -> dict[str, float]:
+        """Per categorical field: the mean total-variation distance between the softmax outputs with every row set to
+        one category and to another (mean over category pairs and over the foreground voxels of the last batch)."""
+        data, target, keys = self._trace_batch
+        network = self._bare_network()
+        tokenizer = network.cross_attention.tokenizer
+        values, missing = self.clinical_batch(keys)
+        foreground = (target[:, 0] > 0).to(self.device)
+        was_training = network.training
+        network.eval()
+        effects = {}
+        try:
+            for j in tokenizer.categorical_index.tolist():
+                n_categories = int(tokenizer.category_counts[tokenizer.categorical_index.tolist().index(j)])
+                probs = []
+                for category in range(n_categories):
+                    forced = values.clone()
+                    forced[:, j] = category
+                    forced_missing = missing.clone()
+                    forced_missing[:, j] = False
+                    output = network(data.to(self.device), (forced, forced_missing))
+                    output = output[0] if isinstance(output, (list, tuple)) else output
+                    probs.append(torch.softmax(output.float(), 1))
+                distances = [
+                    0.5 * (probs[a] - probs[b]).abs().sum(1)[foreground].mean().item()
+                    for a in range(n_categories)
+                    for b in range(a + 1, n_categories)
+                    if foreground.any()
+                ]
+                effects[tokenizer.field_names[j]] = sum(distances) / len(distances) if distances else 0.0
+        finally:
+            network.train(was_training)
+        return effects
+
+    def _write_trace(self) -> None:
+        from nnyseg.io import write_json_atomic
+
+        steps = max(self._trace_steps, 1)
+        tokenizer = self._bare_network().cross_attention.tokenizer
+        record = {
+            "epoch": self.current_epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "film_weight_norm": {n: float(f.weight.detach().norm()) for n, f in self._film_layers().items()},
+            "film_grad_norm": {n: v / steps for n, v in self._trace_grad_sums.items()},
+            "flip_effect": self._flip_effects(),
+        }
+        if tokenizer.category_embedding is not None:
+            table = tokenizer.category_embedding.weight.detach()
+            record["category_token_norm"] = float(table.norm(dim=1).mean())
+        path = os.path.join(self.output_folder, YBRANCH_TRACE_FILE)
+        history = []
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                history = [r for r in json.load(handle) if r["epoch"] < self.current_epoch]  # a resumed run
+        write_json_atomic(path, [*history, record])
+        self._trace_grad_sums, self._trace_steps = {}, 0
+
+    def on_epoch_end(self) -> None:
+        if self._tracing() and self.local_rank == 0 and self._trace_batch is not None:
+            self._write_trace()
+        super().on_epoch_end()
 
     def validation_step(self, batch: dict) -> dict:
         with self._clinical_condition(batch["keys"]):

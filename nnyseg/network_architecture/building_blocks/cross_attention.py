@@ -100,12 +100,18 @@ class ClinicalTokenizer(nn.Module):
         schema: Field descriptions, see :func:`parse_clinical_schema`.
         dim: Token dimension D.
         field_dropout: Probability of dropping a field during training.
+        token_std: Standard deviation of the trunc-normal initialisation of every tokenizer parameter.
     """
 
-    def __init__(self, schema: Sequence[Mapping[str, Any]], dim: int, *, field_dropout: float = 0.15) -> None:
+    def __init__(
+        self, schema: Sequence[Mapping[str, Any]], dim: int, *, field_dropout: float = 0.15, token_std: float = 1.0
+    ) -> None:
         super().__init__()
         if not 0.0 <= field_dropout < 1.0:
             raise ValueError(f"field_dropout must be in [0, 1), got {field_dropout}")
+        if not token_std > 0:
+            raise ValueError(f"token_std must be > 0, got {token_std}")
+        self.token_std = float(token_std)
         fields = parse_clinical_schema(schema)
         self.field_names = [f["name"] for f in fields]
         self.num_fields = len(fields)
@@ -132,11 +138,11 @@ class ClinicalTokenizer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Trunc-normal (std 0.02) initialisation of all tokenizer parameters."""
+        """Trunc-normal (std ``token_std``, cut at +-2) initialisation of all tokenizer parameters."""
         for param in (self.numeric_weight, self.numeric_bias, self.missing_tokens):
-            trunc_normal_(param, std=0.02)
+            trunc_normal_(param, std=self.token_std)
         if self.category_embedding is not None:
-            trunc_normal_(self.category_embedding.weight, std=0.02)
+            trunc_normal_(self.category_embedding.weight, std=self.token_std)
 
     @property
     def numeric_field_names(self) -> list[str]:
@@ -200,7 +206,9 @@ class ClinicalTokenizer(nn.Module):
         return torch.where(missing_mask.unsqueeze(-1), self.missing_tokens.unsqueeze(0), tokens)
 
     def extra_repr(self) -> str:
-        return f"fields={self.field_names}, dim={self.dim}, field_dropout={self.field_dropout}"
+        return (
+            f"fields={self.field_names}, dim={self.dim}, field_dropout={self.field_dropout}, token_std={self.token_std}"
+        )
 
 
 class BottleneckCrossAttention(nn.Module):
@@ -232,6 +240,7 @@ class BottleneckCrossAttention(nn.Module):
         num_heads: Attention heads; must divide ``channels``.
         mlp_ratio: Hidden width of the MLP relative to ``channels``.
         field_dropout: Training-time probability of dropping a clinical field.
+        token_std: Initial scale of the clinical tokens (:class:`ClinicalTokenizer`).
         attn_drop: Dropout on the attention weights (training only).
         level_channels: Channels of each decoder level's output, deepest first; one FiLM layer per level (empty: the
             bottleneck only).
@@ -247,6 +256,7 @@ class BottleneckCrossAttention(nn.Module):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         field_dropout: float = 0.15,
+        token_std: float = 1.0,
         attn_drop: float = 0.0,
         level_channels: Sequence[int] = (),
     ) -> None:
@@ -264,7 +274,9 @@ class BottleneckCrossAttention(nn.Module):
         if mode == "clinical":
             if not clinical_schema:
                 raise ValueError("cross-attention mode 'clinical' needs a non-empty clinical_schema; use 'latent'")
-            self.tokenizer = ClinicalTokenizer(clinical_schema, channels, field_dropout=field_dropout)
+            self.tokenizer = ClinicalTokenizer(
+                clinical_schema, channels, field_dropout=field_dropout, token_std=token_std
+            )
         else:
             self.tokenizer = None
         self.num_heads = num_heads
