@@ -32,6 +32,15 @@ def _randomize_norms(module: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.rand(c, generator=gen) - 0.5)
 
 
+def _full_residual_branches(net: nn.Module) -> None:
+    """Unit aggregation norms: the ELANRes blocks start as their shortcut (zero-init), which would hide their RepConv
+    chains from a fusion test."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, ELANResBlock):
+                m.fuse.norm.weight.fill_(1.0)
+
+
 def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -171,6 +180,7 @@ def test_network_fused_equals_unfused(patch, kernels, strides, msca_mode):
     torch.manual_seed(4)
     net = ELANResMSCAUNet(1, 3, (4, 8, 16), nn.Conv3d, kernels, strides, 3, deep_supervision=True, msca_mode=msca_mode)
     net.apply(net.initialize)
+    _full_residual_branches(net)
     _warm_up_statistics(net, (2, 1, *patch), seed=5)
     net.eval()
     x = torch.randn(1, 1, *patch)
@@ -202,6 +212,7 @@ def _warmed_net(seed: int) -> ELANResMSCAUNet:
     kernels, strides = [[1, 3, 3], [3, 3, 3], [3, 3, 3]], [[1, 1, 1], [1, 2, 2], [2, 2, 2]]
     net = ELANResMSCAUNet(1, 3, (4, 8, 16), nn.Conv3d, kernels, strides, 2, deep_supervision=False)
     net.apply(net.initialize)
+    _full_residual_branches(net)
     _warm_up_statistics(net, (2, 1, 8, 16, 16), seed=seed + 100)
     return net.eval()
 
