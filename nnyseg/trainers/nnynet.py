@@ -290,8 +290,8 @@ class nnYNetTrainer(nnysegMethodTrainer):
         network.eval()
         effects = {}
         try:
-            for j in tokenizer.categorical_index.tolist():
-                n_categories = int(tokenizer.category_counts[tokenizer.categorical_index.tolist().index(j)])
+            fields = zip(tokenizer.categorical_index.tolist(), tokenizer.category_counts.tolist(), strict=True)
+            for j, n_categories in fields:
                 probs = []
                 for category in range(n_categories):
                     forced = values.clone()
