@@ -98,6 +98,7 @@ class ArchSpec:
         arch_kwargs: Overrides of the plans' ``arch_kwargs``: an ablation switch, as a plans configuration sets it.
         external: Whether the row is a published relative built by :func:`build_external` (MONAI), not a registry
             model; measured only when named, since MONAI is a benchmark-only extra (``pip install monai``).
+        speed: Whether ``arch_kwargs`` is a named speed setting of the registry (``--archs speed``), not an ablation.
     """
 
     key: str
@@ -106,6 +107,7 @@ class ArchSpec:
     description: str = ""
     arch_kwargs: tuple[tuple[str, Any], ...] = ()
     external: bool = False
+    speed: bool = False
 
 
 #: Published relatives, measured with the same loss and step as our networks but without deep supervision (neither
@@ -157,9 +159,10 @@ def _registry() -> Any:
     return registry
 
 
-def architecture_specs() -> dict[str, ArchSpec]:
+def architecture_specs(preset: str = "full") -> dict[str, ArchSpec]:
     """All benchmark rows, read from the model registry: the baseline first, one row per model (plus the fused
-    ELANRes-MSCA-UNet), then one row per ablation switch (``<model row>_<switch>``), measured only on request."""
+    ELANRes-MSCA-UNet), then one row per ablation switch and per speed setting that ``preset`` has
+    (``<model row>_<switch>``), measured only on request."""
     registry = _registry()
     specs: dict[str, ArchSpec] = {}
     models = [n for n in registry.list_models() if not registry.get_model(n).trainers]
@@ -179,14 +182,24 @@ def architecture_specs() -> dict[str, ArchSpec]:
             specs[f"{key}_{switch}"] = ArchSpec(
                 f"{key}_{switch}", name, description=f"{model.title}, {switch}", arch_kwargs=tuple(kwargs.items())
             )
+        for setting, speed in model.speed_settings.items():
+            if preset in speed.overrides:
+                specs[f"{key}_{setting}"] = ArchSpec(
+                    f"{key}_{setting}",
+                    name,
+                    description=f"{model.title}, speed setting {setting}: {speed.description}",
+                    arch_kwargs=tuple(speed.overrides_for(preset).items()),
+                    speed=True,
+                )
     for key, description in EXTERNAL_ROWS.items():
         specs[key] = ArchSpec(key, key, description=description, external=True)
     return specs
 
 
 def resolve_archs(requested: Sequence[str] | None, specs: dict[str, ArchSpec] | None = None) -> list[str]:
-    """Turns ``--archs`` into row keys: ``None`` or ``all`` means every architecture (ablation and MONAI rows
-    excluded); ``ablations`` means each ablation row after the full network it ablates; ``monai`` the MONAI rows;
+    """Turns ``--archs`` into row keys: ``None`` or ``all`` means every architecture (ablation, speed and MONAI rows
+    excluded); ``ablations`` means each ablation row after the full network it ablates; ``speed`` each speed-setting
+    row after its network; ``monai`` the MONAI rows;
     registry keys are aliases.
 
     The baseline ``plain`` is always included, first.
@@ -195,24 +208,25 @@ def resolve_archs(requested: Sequence[str] | None, specs: dict[str, ArchSpec] | 
         ValueError: For a name that is neither a row key nor a registry key.
     """
     specs = architecture_specs() if specs is None else specs
-    ablation_keys = {k for k, spec in specs.items() if spec.arch_kwargs}
+    ablation_keys = {k for k, spec in specs.items() if spec.arch_kwargs and not spec.speed}
+    speed_keys = {k for k, spec in specs.items() if spec.speed}
     external_keys = [k for k, spec in specs.items() if spec.external]
     aliases = {spec.model: spec.key for spec in specs.values() if not spec.fused and not spec.arch_kwargs}
     keys: list[str] = []
     for name in requested or ["all"]:
         if name == "all":
-            keys += [k for k in specs if k not in ablation_keys and k not in external_keys]
+            keys += [k for k in specs if k not in ablation_keys | speed_keys and k not in external_keys]
         elif name == "monai":
             keys += external_keys
-        elif name == "ablations":
-            for key in ablation_keys & set(specs):
+        elif name in ("ablations", "speed"):
+            for key in ablation_keys if name == "ablations" else speed_keys:
                 keys += [aliases[specs[key].model], key]
             keys = sorted(dict.fromkeys(keys), key=list(specs).index)
         else:
             key = name if name in specs else aliases.get(name)
             if key is None:
                 raise ValueError(
-                    f"unknown architecture {name!r}; choose from: all, ablations, monai, {', '.join(specs)}"
+                    f"unknown architecture {name!r}; choose from: all, ablations, speed, monai, {', '.join(specs)}"
                 )
             keys.append(key)
     ordered = [BASELINE] + [k for k in keys if k != BASELINE]
@@ -368,7 +382,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Measures one architecture in this process (``--worker KEY``) and returns the JSON-able result."""
     import torch
 
-    spec = architecture_specs()[args.worker]
+    spec = architecture_specs("tiny" if args.tiny else "full")[args.worker]
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -803,7 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="architectures to measure (default: all): one row per model of nnyseg.registry (plain, resenc_m, "
-        "elanres, elanres_fused, nnynet, dyntransnet), 'ablations' for every ablation switch; plain is always added",
+        "elanres, elanres_fused, nnynet, dyntransnet), 'ablations' for every ablation switch, 'speed' for every "
+        "speed setting of the preset, 'monai' for MONAI's SwinUNETR and MedNeXt; plain is always added",
     )
     parser.add_argument(
         "--patch", nargs=3, type=int, default=[64, 64, 64], metavar=("D", "H", "W"), help="patch size (default: 64^3)"
@@ -868,7 +883,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return worker_main(args)
 
     try:
-        keys = resolve_archs(args.archs)
+        keys = resolve_archs(args.archs, architecture_specs("tiny" if args.tiny else "full"))
     except ValueError as err:
         parser.error(str(err))
     started = dt.datetime.now(dt.timezone.utc)

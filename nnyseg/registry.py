@@ -210,6 +210,25 @@ def _tiny(description: str, **arch_kwargs: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class SpeedSetting:
+    """A named change of ``arch_kwargs`` that buys speed, per preset; not a default until a fixed-budget comparison
+    shows it costs no accuracy (``benchmarks/fixed_budget.py``, issue #12).
+
+    Attributes:
+        description: One line for benchmark rows and docs.
+        overrides: Preset name -> ``arch_kwargs`` overrides; a preset without an entry has no such setting.
+    """
+
+    description: str
+    overrides: Mapping[str, Mapping[str, Any]]
+
+    def overrides_for(self, preset: str) -> dict[str, Any]:
+        if preset not in self.overrides:
+            raise KeyError(f"speed setting {self.description!r} has no overrides for preset {preset!r}")
+        return dict(self.overrides[preset])
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Everything nnyseg knows about one network; see the module docstring."""
 
@@ -223,6 +242,8 @@ class ModelSpec:
     plans_name: str | None = None
     kw_requires_import: tuple[str, ...] = ()
     ablations: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Named settings that buy speed (issue #12); the presets stay the papers' configuration.
+    speed_settings: Mapping[str, SpeedSetting] = field(default_factory=dict)
     docs: str = ""
     changes: tuple[str, ...] = ()
     #: ``arch_kwargs`` that follow from the raw dataset folder (nnY-Net: clinical mode when it has a clinical table).
@@ -410,6 +431,13 @@ MODELS: dict[str, ModelSpec] = {
                 "ca_off": {"cross_attention": "off"},
                 "film_bottleneck": {"ca_film_levels": "bottleneck"},
             },
+            speed_settings={
+                "light_full_res": SpeedSetting(
+                    "no MedNeXt block after the last up-sampling (full resolution), the up-sampling block kept",
+                    {FULL: {"decoder_blocks": [2, 2, 2, 2, 0]}, TINY: {"decoder_blocks": [1, 1, 1, 1, 0]}},
+                ),
+                "window_4": SpeedSetting("Swin window 4 instead of 7", {FULL: {"window_size": 4}}),
+            },
             docs="docs/nnynet.md",
             dataset_arch_kwargs=clinical_mode,
             changes=(
@@ -467,6 +495,7 @@ MODELS: dict[str, ModelSpec] = {
                 "weighted_sum": {"fusion": "weighted_sum"},
                 "no_rm": {"residual_module": False},
             },
+            speed_settings={"window_4": SpeedSetting("Swin window 4 instead of 7", {FULL: {"window_size": 4}})},
             docs="docs/dyntransnet.md",
             changes=(
                 "network DynTransNet, option A (Swin encoder with the D-MSA key-saliency bias; decoder: transposed "

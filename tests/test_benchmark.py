@@ -188,6 +188,21 @@ def test_architecture_selection():
         bench.main(["--archs", "nope", "--no-append"])
 
 
+def test_speed_rows_follow_the_registry_and_the_preset():
+    from nnyseg.registry import MODELS
+
+    full, tiny = bench.resolve_archs(["speed"]), bench.resolve_archs(["speed"], bench.architecture_specs("tiny"))
+    specs = bench.architecture_specs()
+    expected = {
+        f"{bench.ROW_NAMES.get(n, n)}_{s}" for n, spec in MODELS.items() for s, v in spec.speed_settings.items()
+    }
+    assert {k for k in full if specs[k].speed} == expected and "nnynet_light_full_res" in expected
+    assert full.index("nnynet") < full.index("nnynet_light_full_res")  # each row beside the network it lightens
+    assert "nnynet_light_full_res" in tiny and "nnynet_window_4" not in tiny  # the tiny preset's window is 4 already
+    assert dict(specs["nnynet_light_full_res"].arch_kwargs) == {"decoder_blocks": [2, 2, 2, 2, 0]}
+    assert not any(specs[k].speed for k in bench.resolve_archs(["all", "ablations"]))
+
+
 def test_monai_rows_only_on_request():
     specs = bench.architecture_specs()
     assert not any(specs[k].external for k in bench.resolve_archs(["all"]))

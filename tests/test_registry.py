@@ -76,6 +76,28 @@ def test_each_ablation_switch_builds_a_different_network(name, switch):
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "setting", "preset"),
+    [(n, s, p) for n in list_models() for s, v in get_model(n).speed_settings.items() for p in v.overrides],
+)
+def test_each_speed_setting_builds_a_lighter_network_that_runs(name, setting, preset):
+    """A speed setting changes the preset's network (the paper's stays the default) and needs less feature-map
+    memory at the same patch; the lighter network still produces nnU-Net's deep-supervision outputs."""
+    spec = get_model(name)
+    overrides = spec.speed_settings[setting].overrides_for(preset)
+    assert not overrides.items() <= dict(spec.preset(preset).arch_kwargs).items()  # not already the default
+    reference, patch, ref_arch = spec.build([32, 32, 32], preset=preset, num_classes=3)
+    lighter, _, arch = spec.build([32, 32, 32], preset=preset, num_classes=3, overrides=overrides)
+    assert arch["arch_kwargs"] == {**ref_arch["arch_kwargs"], **overrides}
+    ref_state, state = reference.state_dict(), lighter.state_dict()
+    assert set(ref_state) != set(state) or any(ref_state[k].shape != state[k].shape for k in ref_state)
+    sizes = [64, 64, 64]
+    assert estimate_memory(arch, sizes, 1, 3) < estimate_memory(ref_arch, sizes, 1, 3)
+    with torch.no_grad():
+        outputs = lighter.eval()(torch.randn(1, 1, *patch))
+    assert outputs[0].shape == (1, 3, *patch) and all(torch.isfinite(o).all() for o in outputs)
+
+
 def test_topology_rules():
     conv = ConvUNetTopology()
     patch, kwargs = conv.fit([3.0, 0.75, 0.75], [48, 192, 192])

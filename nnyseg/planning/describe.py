@@ -92,6 +92,25 @@ def describe(spec: ModelSpec) -> str:
             *[f"| `{name}` | `{json.dumps(dict(kw))}` |" for name, kw in spec.ablations.items()],
             "",
         ]
+    if spec.speed_settings:
+        lines += [
+            "## Speed settings",
+            "",
+            "Each is an `arch_kwargs` override of a preset that buys speed (a benchmark row `<model>_<setting>`); the "
+            "presets keep the papers' configuration. Measured speed and accuracy: `docs/speed.md`.",
+            "",
+            "| setting | what it changes | full preset | CPU preset |",
+            "|---|---|---|---|",
+            *[
+                f"| `{name}` | {speed.description} | "
+                + " | ".join(
+                    f"`{json.dumps(dict(speed.overrides[p]))}`" if p in speed.overrides else "n/a" for p in (FULL, TINY)
+                )
+                + " |"
+                for name, speed in spec.speed_settings.items()
+            ],
+            "",
+        ]
     for planner in _planners_of(spec):
         lines += [
             f"## Planner `{planner.__name__}` (plans `{planner.default_plans_name()}`)",
