@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -31,12 +29,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the Y-branch benchmark's runners, shared
 from ybranch import (
     RESULTS,
-    VALIDATION_CASES,
+    fresh_workdir,
     parse_setting,
     run,
     run_parallel,
     script,
     single_threaded_train,
+    write_single_split,
 )
 
 DATASET_ID, DATASET_NAME = 503, "FixedBudgetPhantom"
@@ -65,13 +64,7 @@ def run_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
     spec = get_model(args.model)
     trainer, plans_name = spec.trainers[0], spec.plans_name
     started = time.time()
-    if work.exists():
-        shutil.rmtree(work)
-    env = dict(os.environ)
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (work / var).mkdir(parents=True)
-        env[var] = str(work / var)
-    env.update({"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "2", "nnUNet_compile": "false"})
+    env = fresh_workdir(work)
     log = work / "commands.log"
     raw = write_nnunet_dataset(
         work / "nnUNet_raw",
@@ -107,9 +100,7 @@ def run_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
             PLANS_SETTINGS_KEY: settings,
         }
     plans_file.write_text(json.dumps(plans, indent=1), encoding="utf-8")
-    train_ids = sorted(f.name[: -len(".nii.gz")] for f in (raw / "labelsTr").glob("*.nii.gz"))
-    splits = [{"train": train_ids, "val": train_ids[:VALIDATION_CASES]}]
-    (plans_file.parent / "splits_final.json").write_text(json.dumps(splits, indent=1), encoding="utf-8")
+    write_single_split(raw, plans_file.parent)
 
     run_parallel(
         [[*single_threaded_train(), str(DATASET_ID), configurations[name], "0", "-tr", trainer, "-p", plans_name,

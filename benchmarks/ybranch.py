@@ -135,16 +135,10 @@ def parse_setting(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def run_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
-    """Phantom, planning, the two trainings and the three predictions of one seed; returns its scores."""
+def fresh_workdir(work: Path) -> dict[str, str]:
+    """Empties ``work``, makes nnU-Net's three folders in it and returns the environment that points there."""
     import shutil
 
-    from nnyseg.data.clinical import load_clinical_table
-    from nnyseg.data.phantom import write_nnunet_dataset
-    from nnyseg.planning.planners import TINY_CONFIGURATION
-    from nnyseg.trainers.base import PLANS_SETTINGS_KEY
-
-    started = time.time()
     if work.exists():
         shutil.rmtree(work)
     env = dict(os.environ)
@@ -153,6 +147,26 @@ def run_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
         env[var] = str(work / var)
     # single-process augmentation: the seed then fixes the batches too; 2 cores as on the development machine
     env.update({"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "2", "nnUNet_compile": "false"})
+    return env
+
+
+def write_single_split(raw: Path, preprocessed: Path) -> None:
+    """One split: fold 0 trains on every training case and validates on the first :data:`VALIDATION_CASES`."""
+    train_ids = sorted(f.name[: -len(".nii.gz")] for f in (raw / "labelsTr").glob("*.nii.gz"))
+    splits = [{"train": train_ids, "val": train_ids[:VALIDATION_CASES]}]
+    (preprocessed / "splits_final.json").write_text(json.dumps(splits, indent=1), encoding="utf-8")
+
+
+def run_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
+    """Phantom, planning, the two trainings and the three predictions of one seed; returns its scores."""
+
+    from nnyseg.data.clinical import load_clinical_table
+    from nnyseg.data.phantom import write_nnunet_dataset
+    from nnyseg.planning.planners import TINY_CONFIGURATION
+    from nnyseg.trainers.base import PLANS_SETTINGS_KEY
+
+    started = time.time()
+    env = fresh_workdir(work)
     log = work / "commands.log"
 
     raw = write_nnunet_dataset(
@@ -208,9 +222,7 @@ def run_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
 
     # One split: train on every training case; validate (nnU-Net's per-epoch pseudo Dice and its final validation)
     # on a few of them only, since fold "all" would re-predict every training case at the end of each run.
-    train_ids = sorted(f.name[: -len(".nii.gz")] for f in (raw / "labelsTr").glob("*.nii.gz"))
-    splits = [{"train": train_ids, "val": train_ids[:VALIDATION_CASES]}]
-    (plans_file.parent / "splits_final.json").write_text(json.dumps(splits, indent=1), encoding="utf-8")
+    write_single_split(raw, plans_file.parent)
 
     # The two trainings run side by side, one torch thread each: at 32^3 two single-threaded processes do 1.5x the
     # work of one two-threaded process on 2 cores (benchmarks/RESULTS.md, issue #15). nnUNetv2_train sets torch's
