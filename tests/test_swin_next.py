@@ -140,36 +140,6 @@ def test_film_levels_bottleneck_is_the_specs_routing() -> None:
     assert not torch.allclose(benign, malignant)
 
 
-def test_logit_bias_starts_at_zero_then_shifts_every_head_by_the_same_per_class_bias() -> None:
-    net = tiny_net(cross_attention="clinical", clinical_schema=SCHEMA, ca_film_levels="bottleneck", ca_logit_bias=True)
-    net.eval()
-    head_bias = net.cross_attention.logit_bias
-    assert isinstance(head_bias, ZeroInitLinear) and head_bias.out_features == 2 and not head_bias.weight.any()
-    x = torch.randn(2, 1, 32, 32, 32)
-    rows = clinical([[0.0, 0.0], [0.5, 1.0]])
-    reference = tiny_net(cross_attention="clinical", clinical_schema=SCHEMA, ca_film_levels="bottleneck").eval()
-    reference.load_state_dict(net.state_dict(), strict=False)
-    with torch.no_grad():
-        before = net(x, rows)
-        for a, b in zip(before, reference(x, rows), strict=True):
-            torch.testing.assert_close(a, b)  # zero-initialised: the identity
-        head_bias.weight.normal_(0.0, 0.5)
-        head_bias.bias.copy_(torch.tensor([0.3, -0.7]))
-        summary = net.cross_attention.summarise(net.encoder(x)[-1], rows)
-        expected = (summary @ head_bias.weight.T + head_bias.bias).view(2, 2, 1, 1, 1)
-        after = net(x, rows)
-    assert not torch.allclose(expected[0], expected[1])  # the bias depends on the case's clinical row
-    for a, b in zip(after, before, strict=True):
-        torch.testing.assert_close(a - b, expected.expand_as(a), atol=1e-5, rtol=1e-4)
-
-
-def test_logit_bias_gets_a_gradient() -> None:
-    net = tiny_net(cross_attention="clinical", clinical_schema=SCHEMA, ca_logit_bias=True).train()
-    outputs = net(torch.randn(2, 1, 32, 32, 32), clinical([[0.3, 1.0], [0.1, 0.0]]))
-    sum((out[:, 1] - out[:, 0]).pow(2).mean() for out in outputs).backward()
-    assert net.cross_attention.logit_bias.weight.grad.abs().sum() > 0
-
-
 def test_latent_mode_runs_without_clinical_input() -> None:
     net = tiny_net(cross_attention="latent", deep_supervision=False).eval()
     assert net.cross_attention.tokenizer is None and net.cross_attention.num_queries == 4

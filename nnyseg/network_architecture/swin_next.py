@@ -200,8 +200,6 @@ class SwinNeXtUNet(nn.Module):
         ca_token_std: Initial scale of the clinical tokens. Why the default: docs/nnynet.md, "Why the Y branch was
             fragile".
         ca_field_dropout: Training-time probability of hiding a clinical field (its missing token is used instead).
-        ca_logit_bias: Also add a zero-initialised, summary-dependent per-class bias to every head's logits
-            (:meth:`BottleneckCrossAttention.bias_logits`). Off by default; measured in docs/nnynet.md.
         use_checkpoint: Gradient checkpointing for every Swin, conv and MedNeXt block.
     """
 
@@ -228,7 +226,6 @@ class SwinNeXtUNet(nn.Module):
         ca_film_levels: str = "all",
         ca_token_std: float = 1.0,
         ca_field_dropout: float = 0.15,
-        ca_logit_bias: bool = False,
         use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
@@ -287,7 +284,6 @@ class SwinNeXtUNet(nn.Module):
             field_dropout=ca_field_dropout,
             # decoder level s (deepest first) outputs the channels of encoder level -(s + 2)
             level_channels=self.encoder.output_channels[-2::-1] if ca_film_levels == "all" else (),
-            logit_classes=num_classes if ca_logit_bias else 0,
         )
         self.decoder = MedNeXtDecoder(
             self.encoder,
@@ -406,12 +402,12 @@ class SwinNeXtUNet(nn.Module):
         summary = self.cross_attention.summarise(skips[-1], condition)
         skips[-1] = apply_film(skips[-1], self.cross_attention.film, summary)
         if not len(self.cross_attention.level_films):
-            return self.cross_attention.bias_logits(self.decoder(skips), summary)
+            return self.decoder(skips)
 
         def modulate(level: int, level_output: torch.Tensor) -> torch.Tensor:
             return self.cross_attention.modulate_level(level, level_output, summary)
 
-        return self.cross_attention.bias_logits(self.decoder(skips, modulate), summary)
+        return self.decoder(skips, modulate)
 
     # ------------------------------------------------------------------ nnU-Net hooks
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:

@@ -264,8 +264,7 @@ class nnYNetTrainer(nnysegMethodTrainer):
 
     def _film_layers(self) -> dict[str, nn.Linear]:
         branch = self._bare_network().cross_attention
-        films = {"bottleneck": branch.film, **{f"level_{i}": film for i, film in enumerate(branch.level_films)}}
-        return films if branch.logit_bias is None else {**films, "logits": branch.logit_bias}
+        return {"bottleneck": branch.film, **{f"level_{i}": film for i, film in enumerate(branch.level_films)}}
 
     def _trace_step(self, batch: dict) -> None:
         """Accumulates the FiLM layers' gradient norms (nnU-Net leaves the last step's gradients in place) and keeps

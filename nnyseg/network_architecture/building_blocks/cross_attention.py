@@ -244,9 +244,6 @@ class BottleneckCrossAttention(nn.Module):
         attn_drop: Dropout on the attention weights (training only).
         level_channels: Channels of each decoder level's output, deepest first; one FiLM layer per level (empty: the
             bottleneck only).
-        logit_classes: With ``n > 0``, one more zero-initialised Linear maps the summary to a per-class bias that the
-            caller adds to every segmentation head's logits (:meth:`bias_logits`): a path from the clinical fields to
-            the decision that leaves the decoder's features shared between cases. 0: no such path.
     """
 
     def __init__(
@@ -262,7 +259,6 @@ class BottleneckCrossAttention(nn.Module):
         token_std: float = 1.0,
         attn_drop: float = 0.0,
         level_channels: Sequence[int] = (),
-        logit_classes: int = 0,
     ) -> None:
         super().__init__()
         if mode not in CROSS_ATTENTION_MODES:
@@ -298,9 +294,6 @@ class BottleneckCrossAttention(nn.Module):
         self.mlp = Mlp(channels, hidden_features=int(channels * mlp_ratio), act_layer=nn.GELU)
         self.film = ZeroInitLinear(channels, 2 * channels)
         self.level_films = nn.ModuleList(ZeroInitLinear(channels, 2 * int(c)) for c in level_channels)
-        if logit_classes < 0:
-            raise ValueError(f"logit_classes must be >= 0, got {logit_classes}")
-        self.logit_bias = ZeroInitLinear(channels, logit_classes) if logit_classes else None
 
     @property
     def num_queries(self) -> int:
@@ -347,18 +340,6 @@ class BottleneckCrossAttention(nn.Module):
     def modulate_level(self, level: int, x: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
         """FiLM of decoder level ``level``'s output ``x`` by ``summary`` (from :meth:`summarise`)."""
         return apply_film(x, self.level_films[level], summary)
-
-    def bias_logits(
-        self, logits: torch.Tensor | list[torch.Tensor], summary: torch.Tensor
-    ) -> torch.Tensor | list[torch.Tensor]:
-        """Adds the per-class bias ``logit_bias(summary)`` to one logit map or to each of a deep-supervision list
-        (unchanged when the branch has no logit path)."""
-        if self.mode == "off" or self.logit_bias is None:
-            return logits
-        bias = self.logit_bias(summary)
-        if isinstance(logits, torch.Tensor):
-            return logits + bias.view(*bias.shape, *([1] * (logits.ndim - 2)))
-        return [out + bias.view(*bias.shape, *([1] * (out.ndim - 2))) for out in logits]
 
     def summarise(self, b: torch.Tensor, clinical: ClinicalInput | None = None) -> torch.Tensor:
         """The branch's summary vector ``o`` (``(B, C)``): the mean of the updated query tokens.
