@@ -33,6 +33,9 @@ PLANS = "nnUNetPlans"
 DEMO_TRAINING_CASES = 24
 DEMO_TEST_CASES = 3
 CONFIGURATION = "3d_fullres"
+#: ``--preset micro`` is a smoke run of the pipeline, so its trainings get a short schedule, written into the plans
+#: (where nnyseg's trainers read their settings) instead of the CPU preset's longer one.
+SMOKE_SCHEDULE = {"num_epochs": 5, "num_iterations_per_epoch": 20, "num_val_iterations_per_epoch": 2, "save_every": 5}
 
 
 def cpu_trainer(model: str) -> str:
@@ -91,6 +94,17 @@ def _worth_showing(line: str) -> bool:
         "Mean Validation Dice",
     )
     return any(k in line for k in keys) and "warn" not in line.lower()
+
+
+def _set_schedule(plans_file: Path, schedule: dict) -> None:
+    """Writes ``schedule`` as the trainer settings of the demo's configuration in ``plans_file`` (atomically)."""
+    from nnyseg.io import atomic_file
+    from nnyseg.registry import PLANS_SETTINGS_KEY
+
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
+    plans["configurations"][CONFIGURATION][PLANS_SETTINGS_KEY] = dict(schedule)
+    with atomic_file(plans_file) as tmp:
+        tmp.write_text(json.dumps(plans, indent=4), encoding="utf-8")
 
 
 def _burden_line(stats: dict) -> str:
@@ -192,6 +206,11 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
             env,
             log,
         )
+
+    if preset == "micro":
+        _set_schedule(plans_file, SMOKE_SCHEDULE)
+        print(f"  smoke run: {SMOKE_SCHEDULE['num_epochs']} epochs x {SMOKE_SCHEDULE['num_iterations_per_epoch']} "
+              f"iterations (set in {plans_file.name}, configuration {CONFIGURATION})")  # fmt: skip
 
     print("\n== 3. train each model's CPU preset (fold 0): the trainer adapts nnU-Net's plans to its network")
     for model in models:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 import nnyseg.trainers
-from nnyseg.demo import DEFAULT_DEMO_MODELS, DEMO_MODELS, DEMO_TEST_CASES, cpu_trainer, demo_environment, run_demo
+from nnyseg.demo import (
+    DEFAULT_DEMO_MODELS,
+    DEMO_MODELS,
+    DEMO_TEST_CASES,
+    SMOKE_SCHEDULE,
+    cpu_trainer,
+    demo_environment,
+    run_demo,
+)
 from nnyseg.registry import list_models
 
 
@@ -55,6 +63,11 @@ def test_demo_runs_end_to_end_on_the_micro_phantom(tmp_path, capsys):
     pngs = sorted((report / "images").glob("*.png"))
     assert len(pngs) == DEMO_TEST_CASES and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert (report / "training" / "fold_0.png").is_file()  # nnU-Net's progress.png, linked from the page
+    # the smoke run's short schedule reached the trainer through the plans: 5 epochs, not the CPU preset's 26
+    logs = list((workdir / "nnUNet_results").glob("Dataset*/nnYNetTrainer_tiny__nnUNetPlans__3d_fullres/fold_0/*.txt"))
+    log = logs[0].read_text(encoding="utf-8")
+    last = SMOKE_SCHEDULE["num_epochs"] - 1
+    assert f": Epoch {last} \n" in log and f": Epoch {last + 1} \n" not in log
     # the stock commands ran: nnU-Net's own plans, the method trainer's CPU variant
     for shown in (str(report / "index.html"), "nnYNetTrainer_tiny__nnUNetPlans__3d_fullres", "mean ± SD"):
         assert shown in out
