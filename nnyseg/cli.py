@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tiny models to train (default: {' '.join(DEFAULT_DEMO_MODELS)})",
     )
     p.add_argument("--keep", action="store_true", help="reuse an existing work folder instead of starting afresh")
-    p.add_argument("--preset", default="tiny", help="phantom grid: tiny (default) or micro for a quick smoke run")
+    p.add_argument("--preset", default="tiny", help="phantom grid: tiny (default) or micro (a 5-epoch smoke run)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

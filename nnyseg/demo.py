@@ -137,7 +137,8 @@ def run_demo(workdir: Path, trainers: list[str] | None = None, keep: bool = Fals
         workdir: Folder for every output (created; replaced unless ``keep``).
         trainers: Models of :data:`DEMO_MODELS` to train (default: :data:`DEFAULT_DEMO_MODELS`).
         keep: Reuse an existing work folder (skips the phantom and planning steps that already ran).
-        preset: Phantom grid; ``micro`` (6 x 6 x 8 mm voxels) makes a quick smoke run of the whole pipeline.
+        preset: Phantom grid; ``micro`` (6 x 6 x 8 mm voxels) makes a quick smoke run of the whole pipeline,
+            with :data:`SMOKE_SCHEDULE` written into the plans.
     """
     from nnyseg.evaluation.burden import measure_burden
     from nnyseg.evaluation.metrics import format_summary
