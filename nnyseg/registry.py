@@ -190,7 +190,7 @@ TINY_SCHEDULE: Mapping[str, Any] = MappingProxyType(
 
 
 #: nnY-Net's CPU preset trains longer, at AdamW's lr 1e-3, on 32^3 patches: 200 iterations at 1e-4 find the liver
-#: but no tumour; 1040 find 3 of the demo's 8 held-out lesions, 2080 find 4 (RESULTS.md, issue #13).
+#: but no tumour; 1040 find 3 of the demo's 8 held-out lesions, 2080 find 3 or 4 (RESULTS.md, issue #13).
 NNYNET_CPU_SCHEDULE: Mapping[str, Any] = MappingProxyType(
     {**TINY_SCHEDULE, "num_epochs": 26, "num_iterations_per_epoch": 80, "initial_lr": 1e-3}
 )
