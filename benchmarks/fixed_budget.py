@@ -11,7 +11,7 @@ liver and tumour Dice and lesion recall (26-connected).
 
 Reported (appended to benchmarks/RESULTS.md): one row per seed and model, beside the speed rows of ``bench.py``.
 
-    python benchmarks/fixed_budget.py --model nnynet --speed-setting light_full_res --seeds 0 1   # about 12 min
+    python benchmarks/fixed_budget.py --model nnynet --speed-setting light_full_res --seeds 0 1   # about 15 min
     python benchmarks/fixed_budget.py --model nnynet --set window_size=2 --seeds 0 --no-write
     python benchmarks/fixed_budget.py --model nnynet --speed-setting light_full_res --seeds 0 --num-training 4 \\
         --num-test 2 --epochs 1 --iterations 2 --no-write                                       # smoke
