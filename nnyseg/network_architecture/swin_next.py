@@ -200,6 +200,8 @@ class SwinNeXtUNet(nn.Module):
         ca_token_std: Initial scale of the clinical tokens. Why the default: docs/nnynet.md, "Why the Y branch was
             fragile".
         ca_field_dropout: Training-time probability of hiding a clinical field (its missing token is used instead).
+        ca_film_shift: If False, every FiLM of the branch is scale-only (no ``beta``). Why it exists: docs/nnynet.md,
+            "Why the Y branch was fragile".
         use_checkpoint: Gradient checkpointing for every Swin, conv and MedNeXt block.
     """
 
@@ -226,6 +228,7 @@ class SwinNeXtUNet(nn.Module):
         ca_film_levels: str = "all",
         ca_token_std: float = 1.0,
         ca_field_dropout: float = 0.15,
+        ca_film_shift: bool = True,
         use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
@@ -284,6 +287,7 @@ class SwinNeXtUNet(nn.Module):
             field_dropout=ca_field_dropout,
             # decoder level s (deepest first) outputs the channels of encoder level -(s + 2)
             level_channels=self.encoder.output_channels[-2::-1] if ca_film_levels == "all" else (),
+            film_shift=ca_film_shift,
         )
         self.decoder = MedNeXtDecoder(
             self.encoder,
@@ -424,9 +428,10 @@ class SwinNeXtUNet(nn.Module):
         total += self.cross_attention.compute_conv_feature_map_size([math.ceil(s / 32) for s in size])
         total += self.decoder.compute_conv_feature_map_size(size)
         if self.cross_attention.mode != "off":  # each FiLM'd decoder level output is one more map of its size
-            for s, film in enumerate(self.cross_attention.level_films):
-                level_size = [math.ceil(i / 2 ** (len(self.cross_attention.level_films) - 1 - s)) for i in size]
-                total += film.out_features // 2 * math.prod(level_size)
+            level_channels = self.cross_attention.level_channels
+            for s, channels in enumerate(level_channels):
+                level_size = [math.ceil(i / 2 ** (len(level_channels) - 1 - s)) for i in size]
+                total += channels * math.prod(level_size)
         return int(total)
 
     @staticmethod
