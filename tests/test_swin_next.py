@@ -129,38 +129,6 @@ def test_film_of_the_finest_level_shifts_the_logits_through_its_head() -> None:
     torch.testing.assert_close(after - before, expected_shift, atol=1e-5, rtol=1e-4)
 
 
-def test_scale_only_film_multiplies_the_finest_level_and_adds_nothing() -> None:
-    # ca_film_shift=False: each FiLM layer has one output per channel (gamma), no beta. With gamma on the finest
-    # level only, the logits become head(x * (1 + gamma)) = head_bias + (head_weight * (1 + gamma)) @ x.
-    net = tiny_net(cross_attention="clinical", clinical_schema=SCHEMA, deep_supervision=False, ca_film_shift=False)
-    net = net.eval()
-    finest = net.cross_attention.level_films[-1]
-    channels = net.cross_attention.level_channels[-1]
-    assert finest.out_features == channels
-    assert net.cross_attention.film.out_features == net.cross_attention.channels
-    captured: dict[str, torch.Tensor] = {}
-    head = net.decoder.seg_layers[-1]
-    hook = head.register_forward_hook(lambda _m, inputs, _out: captured.__setitem__("x", inputs[0]))
-    x = torch.randn(1, 1, 32, 32, 32)
-    gamma = torch.linspace(-0.5, 0.5, channels)
-    with torch.no_grad():
-        before = net(x, clinical([[0.5, 1.0]]))
-        features = captured["x"]
-        finest.bias.copy_(gamma)
-        after = net(x, clinical([[0.5, 1.0]]))
-    hook.remove()
-    weight = head.weight.view(2, channels)
-    expected = torch.einsum("oc,bcxyz->boxyz", weight * (1 + gamma), features) + head.bias.view(1, 2, 1, 1, 1)
-    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(after, before)
-    # a voxel whose features are zero gets no shift: there is no beta to add
-    with torch.no_grad():
-        zero = torch.zeros(1, channels, 1, 1, 1)
-        summary = torch.zeros(1, net.cross_attention.channels)
-        moved = net.cross_attention.modulate_level(len(net.cross_attention.level_films) - 1, zero, summary)
-    assert not moved.any()
-
-
 def test_film_levels_bottleneck_is_the_specs_routing() -> None:
     net = tiny_net(cross_attention="clinical", clinical_schema=SCHEMA, ca_film_levels="bottleneck").eval()
     assert len(net.cross_attention.level_films) == 0

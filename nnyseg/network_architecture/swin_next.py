@@ -200,8 +200,6 @@ class SwinNeXtUNet(nn.Module):
         ca_token_std: Initial scale of the clinical tokens. Why the default: docs/nnynet.md, "Why the Y branch was
             fragile".
         ca_field_dropout: Training-time probability of hiding a clinical field (its missing token is used instead).
-        ca_film_shift: If False, every FiLM of the branch is scale-only (no ``beta``). Why it exists: docs/nnynet.md,
-            "Why the Y branch was fragile".
         use_checkpoint: Gradient checkpointing for every Swin, conv and MedNeXt block.
     """
 
@@ -228,7 +226,6 @@ class SwinNeXtUNet(nn.Module):
         ca_film_levels: str = "all",
         ca_token_std: float = 1.0,
         ca_field_dropout: float = 0.15,
-        ca_film_shift: bool = True,
         use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
@@ -287,7 +284,6 @@ class SwinNeXtUNet(nn.Module):
             field_dropout=ca_field_dropout,
             # decoder level s (deepest first) outputs the channels of encoder level -(s + 2)
             level_channels=self.encoder.output_channels[-2::-1] if ca_film_levels == "all" else (),
-            film_shift=ca_film_shift,
         )
         self.decoder = MedNeXtDecoder(
             self.encoder,

@@ -44,21 +44,9 @@ class ZeroInitLinear(nn.Linear):
 
 
 def apply_film(x: torch.Tensor, film: nn.Linear, summary: torch.Tensor) -> torch.Tensor:
-    """``x * (1 + gamma) + beta`` with ``(gamma, beta) = film(summary)`` broadcast over the spatial axes of ``x``.
-
-    A ``film`` with as many outputs as ``x`` has channels gives ``gamma`` only (scale-only FiLM: ``x * (1 + gamma)``);
-    one with twice as many gives ``gamma`` and ``beta``.
-    """
-    out = film(summary)
-    channels = x.shape[1]
+    """``x * (1 + gamma) + beta`` with ``(gamma, beta) = film(summary)`` broadcast over the spatial axes of ``x``."""
+    gamma, beta = film(summary).chunk(2, dim=-1)
     shape = tuple(x.shape[:2]) + (1,) * (x.ndim - 2)
-    if out.shape[-1] == channels:
-        return x * (1 + out.view(shape).to(x.dtype))
-    if out.shape[-1] != 2 * channels:
-        raise ValueError(
-            f"FiLM layer has {out.shape[-1]} outputs; expected {channels} or {2 * channels} for {channels} channels"
-        )
-    gamma, beta = out.chunk(2, dim=-1)
     return x * (1 + gamma.view(shape).to(x.dtype)) + beta.view(shape).to(x.dtype)
 
 
@@ -229,7 +217,7 @@ class BottleneckCrossAttention(nn.Module):
     With tokens ``T = LN(flatten(b))`` (``(B, N, C)``) and queries ``Q`` (clinical tokens and/or latent tokens):
 
         ``O = Q + MHA(LN(Q), T, T)``; ``o = mean_tokens(O + MLP(LN(O)))``; ``(gamma, beta) = Linear(o)``;
-        ``b' = b * (1 + gamma) + beta`` (``b' = b * (1 + gamma)`` with ``film_shift=False``).
+        ``b' = b * (1 + gamma) + beta``.
 
     With ``level_channels`` the summary ``o`` also modulates the output of each decoder level ``s`` through its own
     FiLM layer (:meth:`modulate_level`); the caller applies those. A level's output reaches its segmentation head and
@@ -256,8 +244,6 @@ class BottleneckCrossAttention(nn.Module):
         attn_drop: Dropout on the attention weights (training only).
         level_channels: Channels of each decoder level's output, deepest first; one FiLM layer per level (empty: the
             bottleneck only).
-        film_shift: If True (default) every FiLM layer has a shift ``beta``; if False its modulations are scale-only,
-            so the branch can re-weight the features a voxel has but cannot add a constant to them.
     """
 
     def __init__(
@@ -273,7 +259,6 @@ class BottleneckCrossAttention(nn.Module):
         token_std: float = 1.0,
         attn_drop: float = 0.0,
         level_channels: Sequence[int] = (),
-        film_shift: bool = True,
     ) -> None:
         super().__init__()
         if mode not in CROSS_ATTENTION_MODES:
@@ -281,7 +266,6 @@ class BottleneckCrossAttention(nn.Module):
         self.mode = mode
         self.channels = channels
         self.level_channels = tuple(int(c) for c in level_channels)
-        self.film_shift = bool(film_shift)
         if mode == "off":
             return
         if num_heads < 1 or channels % num_heads:
@@ -309,9 +293,8 @@ class BottleneckCrossAttention(nn.Module):
         self.out_proj = nn.Linear(channels, channels)
         self.mlp_norm = nn.LayerNorm(channels)
         self.mlp = Mlp(channels, hidden_features=int(channels * mlp_ratio), act_layer=nn.GELU)
-        per_channel = 2 if self.film_shift else 1  # (gamma, beta) or gamma alone
-        self.film = ZeroInitLinear(channels, per_channel * channels)
-        self.level_films = nn.ModuleList(ZeroInitLinear(channels, per_channel * c) for c in self.level_channels)
+        self.film = ZeroInitLinear(channels, 2 * channels)
+        self.level_films = nn.ModuleList(ZeroInitLinear(channels, 2 * c) for c in self.level_channels)
 
     @property
     def num_queries(self) -> int:
