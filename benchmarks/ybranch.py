@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: {results[seed]['criteria']} ({results[seed]['minutes']:.1f} min)", flush=True)
     (Path(args.workdir) / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
 
+    from bench import device_name  # this folder's timing benchmark; imported here, where it is needed
+
     command = "python benchmarks/ybranch.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
     first = results[args.seeds[0]]
     overrides = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in args.set.items()) or "none (the defaults)"
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         f"validation set; {first['n_test']} held-out test cases, at least {MIN_TUMOURS} lesions per case) and that "
         f"trainer seed. Tiny nnY-Net (`3d_fullres_tiny`), arch_kwargs overrides: {overrides}. `nnYNetTrainer` "
         f"(AdamW, DiceFocalCE, poly), lr {args.lr:g}, {args.epochs} epochs x {args.iterations} iterations, "
-        f"patch {'x'.join(map(str, args.patch))}, CPU"
+        f"patch {'x'.join(map(str, args.patch))}, {device_name('cpu')}"
         + (f", trainer settings {trainer_overrides}" if trainer_overrides else "")
         + ". "
         "The two models of a seed differ only in the cross-attention mode. "

@@ -329,26 +329,6 @@ def test_ybranch_lr_scale_gives_the_branch_its_own_learning_rate_under_the_poly_
         make_trainer(workspace, "scaled", plans).initialize()
 
 
-def test_ybranch_token_lr_scale_gives_the_clinical_tokenizer_a_third_group(workspace):
-    plans = deepcopy(workspace["plans"])
-    plans["configurations"]["tokens"] = {
-        "inherits_from": CLINICAL,
-        PLANS_SETTINGS_KEY: {**SHORT, "num_epochs": 10, "ybranch_lr_scale": 5.0, "ybranch_token_lr_scale": 2.0},
-    }
-    trainer = make_trainer(workspace, "tokens", plans)
-    trainer.initialize()
-    main, branch, tokens = trainer.optimizer.param_groups
-    tokenizer_ids = {id(p) for p in trainer.network.cross_attention.tokenizer.parameters()}
-    assert {id(p) for p in tokens["params"]} == tokenizer_ids
-    assert not tokenizer_ids & {id(p) for p in branch["params"]}
-    assert sum(len(g["params"]) for g in (main, branch, tokens)) == len(list(trainer.network.parameters()))
-    trainer.lr_scheduler.step(3)
-    assert branch["lr"] == pytest.approx(5 * main["lr"]) and tokens["lr"] == pytest.approx(10 * main["lr"])
-    plans["configurations"]["tokens"][PLANS_SETTINGS_KEY]["ybranch_token_lr_scale"] = -1.0
-    with pytest.raises(ValueError, match="ybranch_token_lr_scale must be > 0"):
-        make_trainer(workspace, "tokens", plans).initialize()
-
-
 def test_ybranch_trace_records_film_sizes_gradients_and_the_flip_effect_per_epoch(workspace):
     plans = deepcopy(workspace["plans"])
     plans["configurations"]["traced"] = {

@@ -85,7 +85,6 @@ NNYNET_SETTINGS: Mapping[str, Any] = MappingProxyType(
         "focal_alpha": None,  # None, a float in [0, 1] or one weight per output channel (see DiceFocalCELoss)
         "ybranch_trace": False,  # clinical mode: write fold_X/ybranch_trace.json, one record per epoch
         "ybranch_lr_scale": 5.0,  # learning rate of the cross-attention branch relative to initial_lr (issue #15)
-        "ybranch_token_lr_scale": 1.0,  # clinical mode: a further factor for the clinical tokenizer alone
     }
 )
 
@@ -247,27 +246,17 @@ class nnYNetTrainer(nnysegMethodTrainer):
 
     def optimizer_parameter_groups(self) -> list[dict[str, Any]]:
         """With ``ybranch_lr_scale`` != 1, the cross-attention branch's parameters form a second group with that
-        factor on the learning rate. With ``ybranch_token_lr_scale`` != 1 (clinical mode), the clinical tokenizer's
-        parameters form a third group at ``ybranch_lr_scale * ybranch_token_lr_scale``; the latent tokens,
-        attention, MLP and FiLMs, which a latent model has too, keep ``ybranch_lr_scale``."""
+        factor on the learning rate."""
         scale = float(self.resolved_settings["ybranch_lr_scale"])
-        token_scale = float(self.resolved_settings["ybranch_token_lr_scale"])
-        for name, value in (("ybranch_lr_scale", scale), ("ybranch_token_lr_scale", token_scale)):
-            if not value > 0:
-                raise ValueError(f"{self._where()}: {name} must be > 0, got {value!r}")
+        if not scale > 0:
+            raise ValueError(f"{self._where()}: ybranch_lr_scale must be > 0, got {scale!r}")
         branch = getattr(self._bare_network(), "cross_attention", None)
         branch_params = list(branch.parameters()) if branch is not None else []
-        tokenizer = getattr(branch, "tokenizer", None)
-        token_params = list(tokenizer.parameters()) if tokenizer is not None and token_scale != 1.0 else []
-        if (scale == 1.0 and not token_params) or not branch_params:
+        if scale == 1.0 or not branch_params:
             return super().optimizer_parameter_groups()
-        in_tokens = {id(p) for p in token_params}
         in_branch = {id(p) for p in branch_params}
         rest = [p for p in self.network.parameters() if id(p) not in in_branch]
-        groups = [{"params": rest}, {"params": [p for p in branch_params if id(p) not in in_tokens], "lr_scale": scale}]
-        if token_params:
-            groups.append({"params": token_params, "lr_scale": scale * token_scale})
-        return groups
+        return [{"params": rest}, {"params": branch_params, "lr_scale": scale}]
 
     # ------------------------------------------------------------------------------------------------ Y-branch trace
     def _tracing(self) -> bool:
