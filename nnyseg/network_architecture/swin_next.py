@@ -424,10 +424,9 @@ class SwinNeXtUNet(nn.Module):
         total += self.cross_attention.compute_conv_feature_map_size([math.ceil(s / 32) for s in size])
         total += self.decoder.compute_conv_feature_map_size(size)
         if self.cross_attention.mode != "off":  # each FiLM'd decoder level output is one more map of its size
-            level_channels = self.cross_attention.level_channels
-            for s, channels in enumerate(level_channels):
-                level_size = [math.ceil(i / 2 ** (len(level_channels) - 1 - s)) for i in size]
-                total += channels * math.prod(level_size)
+            for s, film in enumerate(self.cross_attention.level_films):
+                level_size = [math.ceil(i / 2 ** (len(self.cross_attention.level_films) - 1 - s)) for i in size]
+                total += film.out_features // 2 * math.prod(level_size)
         return int(total)
 
     @staticmethod

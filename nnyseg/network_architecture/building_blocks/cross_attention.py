@@ -265,7 +265,6 @@ class BottleneckCrossAttention(nn.Module):
             raise ValueError(f"cross-attention mode must be one of {CROSS_ATTENTION_MODES}, got {mode!r}")
         self.mode = mode
         self.channels = channels
-        self.level_channels = tuple(int(c) for c in level_channels)
         if mode == "off":
             return
         if num_heads < 1 or channels % num_heads:
@@ -294,7 +293,7 @@ class BottleneckCrossAttention(nn.Module):
         self.mlp_norm = nn.LayerNorm(channels)
         self.mlp = Mlp(channels, hidden_features=int(channels * mlp_ratio), act_layer=nn.GELU)
         self.film = ZeroInitLinear(channels, 2 * channels)
-        self.level_films = nn.ModuleList(ZeroInitLinear(channels, 2 * c) for c in self.level_channels)
+        self.level_films = nn.ModuleList(ZeroInitLinear(channels, 2 * int(c)) for c in level_channels)
 
     @property
     def num_queries(self) -> int:
