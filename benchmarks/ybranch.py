@@ -17,10 +17,14 @@ images instead of reading the field. Fold 0 trains on all of them and validates 
 
 Reported (appended to benchmarks/RESULTS.md): one row per seed with the global tumour Dice of both models and of the
 flipped predictions, and issue #15's three criteria (margin >= +0.05, flip cost >= 0.10, benign-case tumour voxels at
-most half the latent model's).
+most half the latent model's). Test cases cost prediction time only, so there are 32 of them (half malignant): with
+the 8 of the earlier protocol the margin depended on which cases were drawn by more than the criterion's +0.05
+(RESULTS.md, issue #15, "32 test cases"). Each row also gives a bootstrap interval of the margin over the test cases
+and the criteria on the first 8 test cases alone, the earlier protocol's test set (case i depends only on the seed
+and i), scored with the same trained models.
 
     python benchmarks/ybranch.py --seeds 0 1 2 3 4             # the reported run (about 30 min on 2 CPU cores)
-    python benchmarks/ybranch.py --seeds 5 --set ca_token_std=0.02 --trace-seed 5   # one seed, the old default
+    python benchmarks/ybranch.py --seeds 5 --set ca_token_std=0.02 --trace-seed 5   # one seed, before issue #15
     python benchmarks/ybranch.py --seeds 0 --num-training 8 --num-test 4 --epochs 1 --iterations 4 --no-write  # smoke
 """
 
@@ -87,40 +91,64 @@ def run_parallel(commands: list[list[str]], env: dict[str, str], logs: list[Path
         raise SystemExit(f"command failed ({code}): {shlex.join(cmd)}\n{tail}")
 
 
-def single_threaded_train() -> list[str]:
-    """``nnUNetv2_train`` (nnU-Net's own entry point) in a process whose CPU count reads 1."""
+def single_threaded(module: str, function: str, prog: str) -> list[str]:
+    """A command running ``module.function`` (an entry point reading ``sys.argv``) where the CPU count reads 1.
+
+    ``nnUNetv2_train`` and ``nnUNetv2_predict`` set torch's threads to the CPU count; this keeps them at one.
+    """
     shim = (
-        "import multiprocessing, sys; multiprocessing.cpu_count = lambda: 1; "
-        "from nnunetv2.run.run_training import run_training_entry; sys.argv[0] = 'nnUNetv2_train'; "
-        "sys.exit(run_training_entry())"
+        f"import multiprocessing, sys; multiprocessing.cpu_count = lambda: 1; from {module} import {function}; "
+        f"sys.argv[0] = {prog!r}; sys.exit({function}())"
     )
     return [sys.executable, "-c", shim]
+
+
+TRAIN = single_threaded("nnunetv2.run.run_training", "run_training_entry", "nnUNetv2_train")
+PREDICT = single_threaded("nnunetv2.inference.predict_from_raw_data", "predict_entry_point", "nnUNetv2_predict")
+PREDICT_CLINICAL = single_threaded("nnyseg.prediction", "main", "nnyseg predict")
 
 
 def script(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def tumour_scores(gt_dir: Path, pred_dir: Path, diagnoses: dict[str, str]) -> dict[str, float]:
+def tumour_scores(gt_dir: Path, pred_dir: Path, diagnoses: dict[str, str]) -> dict[str, Any]:
+    """Global tumour Dice (all cases, malignant cases), benign-case tumour voxels, liver Dice and per-case counts.
+
+    ``cases`` maps each case to its tumour voxel counts ``tp`` (true positives), ``pred`` and ``gt``, from which
+    :func:`subset_scores` recomputes the scores on any subset of the cases.
+    """
     from nnyseg.evaluation.metrics import evaluate_folders
 
     result = evaluate_folders(gt_dir, pred_dir, progress=False)
-    malignant = [c for c in result["cases"] if diagnoses[c] == "malignant"]
-    inter = total = benign_fp = 0
+    cases = {}
     for case in result["cases"]:
         gt = sitk.GetArrayFromImage(sitk.ReadImage(str(gt_dir / f"{case}.nii.gz"))) == 2
         pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / f"{case}.nii.gz"))) == 2
-        if case in malignant:
-            inter += int(np.logical_and(gt, pred).sum())
-            total += int(gt.sum()) + int(pred.sum())
-        else:
-            benign_fp += int(pred.sum())
+        cases[case] = {"tp": int(np.logical_and(gt, pred).sum()), "pred": int(pred.sum()), "gt": int(gt.sum())}
+    scores = subset_scores(cases, diagnoses, list(cases))
     return {
         "tumour_global_dice": result["global"]["tumour"]["dice"],
-        "tumour_global_dice_malignant": 2 * inter / total if total else 1.0,
-        "tumour_voxels_in_benign_cases": benign_fp,
+        "tumour_global_dice_malignant": scores["tumour_global_dice_malignant"],
+        "tumour_voxels_in_benign_cases": scores["tumour_voxels_in_benign_cases"],
         "liver_global_dice": result["global"]["liver"]["dice"],
         "num_cases": result["num_cases"],
+        "cases": cases,
+    }
+
+
+def subset_scores(cases: dict[str, dict[str, int]], diagnoses: dict[str, str], subset: list[str]) -> dict[str, Any]:
+    """The tumour scores of :func:`tumour_scores` from its per-case counts, on ``subset`` (repeats allowed)."""
+
+    def dice(names: list[str]) -> float:
+        total = sum(cases[c]["pred"] + cases[c]["gt"] for c in names)
+        return 2 * sum(cases[c]["tp"] for c in names) / total if total else 1.0
+
+    malignant = [c for c in subset if diagnoses[c] == "malignant"]
+    return {
+        "tumour_global_dice": dice(subset),
+        "tumour_global_dice_malignant": dice(malignant),
+        "tumour_voxels_in_benign_cases": sum(cases[c]["pred"] for c in subset if diagnoses[c] == "benign"),
     }
 
 
@@ -228,39 +256,39 @@ def run_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
     # work of one two-threaded process on 2 cores (benchmarks/RESULTS.md, issue #15). nnUNetv2_train sets torch's
     # threads to the CPU count, so it runs through nnU-Net's own entry point with the CPU count set to 1.
     run_parallel(
-        [[*single_threaded_train(), str(DATASET_ID), configurations[mode], "0", "-tr", "nnYNetTrainer", "-p", PLANS,
+        [[*TRAIN, str(DATASET_ID), configurations[mode], "0", "-tr", "nnYNetTrainer", "-p", PLANS,
           "-device", "cpu"] for mode in MODES],
         env,
         [work / f"train_{mode}.log" for mode in MODES],
     )  # fmt: skip
+    # The three predictions run side by side, one torch thread each, like the trainings. No mirroring at test time:
+    # at 32^3 it would cost 8x, and it treats both models alike.
+    flipped_table = work / "clinical_flipped.json"
+    flipped_table.write_text(json.dumps(flip_diagnoses(cases_with_schema)), encoding="utf-8")
+    predictions = {  # name: (configuration, clinical table or None, output folder, log)
+        "clinical": ("clinical", raw / "clinical.json", work / "pred_clinical", work / "predict_clinical.log"),
+        # The causal check: the clinical model told the opposite diagnosis for every test case should mark the
+        # benign cases' lesions and miss the malignant ones.
+        FLIPPED: ("clinical", flipped_table, work / "pred_clinical_flipped", work / "predict_flipped.log"),
+        "latent": ("latent", None, work / "pred_latent", work / "predict_latent.log"),
+    }
+    commands = []
+    for mode, table_file, out, _ in predictions.values():
+        cmd = [*(PREDICT if table_file is None else PREDICT_CLINICAL), "-i", str(raw / "imagesTs"), "-o", str(out),
+               "-d", str(DATASET_ID), "-c", configurations[mode], "-f", "0", "-tr", "nnYNetTrainer", "-p", PLANS,
+               "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"]  # fmt: skip
+        commands.append(cmd if table_file is None else [*cmd, "--clinical", str(table_file)])
+    run_parallel(commands, env, [log for *_, log in predictions.values()])
     scores: dict[str, Any] = {}
-    for mode in MODES:
-        config = configurations[mode]
-        out = work / f"pred_{mode}"
-        # no mirroring at test time: at 32^3 it would cost 8x, and it treats both models alike
-        common = ["-i", str(raw / "imagesTs"), "-d", str(DATASET_ID), "-c", config, "-f", "0", "-tr", "nnYNetTrainer",
-                  "-p", PLANS, "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_tta"]  # fmt: skip
-        if mode == "clinical":
-            table_file = raw / "clinical.json"
-            run([script("nnyseg"), "predict", "-o", str(out), *common, "--clinical", str(table_file)], env, log)
-        else:
-            run([script("nnUNetv2_predict"), "-o", str(out), *common], env, log)
-        scores[mode] = tumour_scores(raw / "labelsTs", out, diagnoses)
-        print(f"seed {seed}, {mode}: {scores[mode]}", flush=True)
-        if mode == "clinical":
-            # The causal check: the same trained model, told the opposite diagnosis for every test case, should
-            # mark the benign cases' lesions and miss the malignant ones.
-            flipped_table = work / "clinical_flipped.json"
-            flipped_table.write_text(json.dumps(flip_diagnoses(cases_with_schema)), encoding="utf-8")
-            out = work / "pred_clinical_flipped"
-            run([script("nnyseg"), "predict", "-o", str(out), *common, "--clinical", str(flipped_table)], env, log)
-            scores[FLIPPED] = tumour_scores(raw / "labelsTs", out, diagnoses)
-            print(f"seed {seed}, {FLIPPED}: {scores[FLIPPED]}", flush=True)
-            model = work / "nnUNet_results" / raw.name / f"nnYNetTrainer__{PLANS}__{config}"
-            trace = model / "fold_0" / "ybranch_trace.json"
-            scores["trace"] = json.loads(trace.read_text(encoding="utf-8")) if trace.is_file() else []
+    for name, (_, _, out, _) in predictions.items():
+        scores[name] = tumour_scores(raw / "labelsTs", out, diagnoses)
+        print(f"seed {seed}, {name}: { {k: v for k, v in scores[name].items() if k != 'cases'} }", flush=True)
+    model = work / "nnUNet_results" / raw.name / f"nnYNetTrainer__{PLANS}__{configurations['clinical']}"
+    trace = model / "fold_0" / "ybranch_trace.json"
+    scores["trace"] = json.loads(trace.read_text(encoding="utf-8")) if trace.is_file() else []
     test_ids = sorted(p.name[: -len(".nii.gz")] for p in (raw / "labelsTs").glob("*.nii.gz"))
     scores["n_test"] = len(test_ids)
+    scores["diagnoses"] = {case: diagnoses[case] for case in test_ids}
     scores["n_malignant"] = sum(diagnoses[c] == "malignant" for c in test_ids)
     scores["minutes"] = (time.time() - started) / 60
     return scores
@@ -278,6 +306,31 @@ def criteria(scores: dict[str, Any]) -> dict[str, Any]:
         "benign_ratio": benign_ratio,
         "met": margin >= MIN_MARGIN and flip_cost >= MIN_FLIP_COST and benign_ratio <= MAX_BENIGN_RATIO,
     }
+
+
+def restrict(scores: dict[str, Any], subset: list[str]) -> dict[str, Any]:
+    """A seed's scores (``run_seed``) recomputed on ``subset`` of its test cases, for :func:`criteria`."""
+    return {name: subset_scores(scores[name]["cases"], scores["diagnoses"], subset) for name in (*MODES, FLIPPED)}
+
+
+def margin_interval(
+    scores: dict[str, Any], draws: int = 2000, level: float = 0.9, cases: list[str] | None = None
+) -> tuple[float, float]:
+    """Bootstrap interval of the margin over the test cases (or ``cases``): how much it owes to which were drawn.
+
+    Malignant and benign cases are resampled separately, with replacement, so every draw keeps their numbers; the
+    same cases score both models (a paired bootstrap).
+    """
+    rng = np.random.default_rng(0)
+    names = sorted(scores["diagnoses"]) if cases is None else cases
+    groups = [[c for c in names if scores["diagnoses"][c] == kind] for kind in ("malignant", "benign")]
+    margins = []
+    for _ in range(draws):
+        subset = [c for group in groups for c in rng.choice(group, size=len(group), replace=True)]
+        restricted = restrict(scores, subset)
+        margins.append(restricted["clinical"]["tumour_global_dice"] - restricted["latent"]["tumour_global_dice"])
+    low, high = np.quantile(margins, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
 
 
 def trace_table(trace: list[dict[str, Any]]) -> list[str]:
@@ -304,7 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/nnyseg_ybranch", help="scratch folder (one subfolder per seed)")
     parser.add_argument("--preset", default="tiny", help="phantom grid preset (default: %(default)s)")
     parser.add_argument("--num-training", type=int, default=32, help="training cases (cost no training time)")
-    parser.add_argument("--num-test", type=int, default=8)
+    parser.add_argument("--num-test", type=int, default=32, help="held-out test cases (cost prediction time only)")
+    parser.add_argument(
+        "--also-first",
+        type=int,
+        default=8,
+        metavar="N",
+        help="also score the first N test cases alone, the earlier protocol's test set (0: don't)",
+    )
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=30, help="training iterations per epoch")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, both runs")
@@ -316,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="an nnY-Net arch_kwargs entry for both models, e.g. ca_token_std=0.02 (the previous default)",
+        help="an nnY-Net arch_kwargs entry for both models, e.g. ca_token_std=1.0 (the previous default)",
     )
     parser.add_argument(
         "--trainer-set",
@@ -338,13 +398,18 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         results[seed] = run_seed(args, seed, Path(args.workdir) / f"seed_{seed}")
         results[seed]["criteria"] = criteria(results[seed])
+        results[seed]["margin_interval"] = margin_interval(results[seed])
+        test_ids = sorted(results[seed]["diagnoses"])
+        if 0 < args.also_first < len(test_ids):
+            results[seed]["criteria_first"] = criteria(restrict(results[seed], test_ids[: args.also_first]))
         print(f"seed {seed}: {results[seed]['criteria']} ({results[seed]['minutes']:.1f} min)", flush=True)
     (Path(args.workdir) / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
 
     from bench import device_name  # this folder's timing benchmark; imported here, where it is needed
 
     command = "python benchmarks/ybranch.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
-    first = results[args.seeds[0]]
+    first = all("criteria_first" in r for r in results.values())
+    n_test = results[args.seeds[0]]["n_test"]
     overrides = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in args.set.items()) or "none (the defaults)"
     trainer_overrides = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in args.trainer_set.items())
     lines = [
@@ -357,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Phantom clinical variant (`nnyseg phantom --diagnosis`), preset `{args.preset}`: per seed a new phantom "
         f"({args.num_training} training cases, all in fold 0's training set, {VALIDATION_CASES} of them also its "
-        f"validation set; {first['n_test']} held-out test cases, at least {MIN_TUMOURS} lesions per case) and that "
+        f"validation set; {n_test} held-out test cases, at least {MIN_TUMOURS} lesions per case) and that "
         f"trainer seed. Tiny nnY-Net (`3d_fullres_tiny`), arch_kwargs overrides: {overrides}. `nnYNetTrainer` "
         f"(AdamW, DiceFocalCE, poly), lr {args.lr:g}, {args.epochs} epochs x {args.iterations} iterations, "
         f"patch {'x'.join(map(str, args.patch))}, {device_name('cpu')}"
@@ -367,21 +432,37 @@ def main(argv: list[str] | None = None) -> int:
         f"Total wall time {(time.time() - started) / 60:.0f} min. {args.note}".rstrip(),
         "",
         "| seed | malignant / test cases | tumour Dice clinical | latent | clinical, diagnoses flipped "
-        "| margin (>= +0.05) | flip cost (>= 0.10) | benign-case tumour voxels clinical / latent (<= 0.5) "
-        "| all met |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| margin (>= +0.05) | margin, 90 % bootstrap interval | flip cost (>= 0.10) "
+        "| benign-case tumour voxels clinical / latent (<= 0.5) | all met |"
+        + (f" first {args.also_first} test cases: margin, flip cost, benign ratio, all met |" if first else ""),
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---|" + ("---|" if first else ""),
     ]
     for seed, r in results.items():
         c = r["criteria"]
-        lines.append(
+        low, high = r["margin_interval"]
+        row = (
             f"| {seed} | {r['n_malignant']} / {r['n_test']} | {r['clinical']['tumour_global_dice']:.3f} | "
             f"{r['latent']['tumour_global_dice']:.3f} | {r[FLIPPED]['tumour_global_dice']:.3f} | "
-            f"{c['margin']:+.3f} | {c['flip_cost']:.3f} | {r['clinical']['tumour_voxels_in_benign_cases']} / "
+            f"{c['margin']:+.3f} | {low:+.3f} to {high:+.3f} | {c['flip_cost']:.3f} | "
+            f"{r['clinical']['tumour_voxels_in_benign_cases']} / "
             f"{r['latent']['tumour_voxels_in_benign_cases']} = {c['benign_ratio']:.2f} | "
             f"{'yes' if c['met'] else '**no**'} |"
         )
+        if "criteria_first" in r:
+            f = r["criteria_first"]
+            row += (
+                f" {f['margin']:+.3f}, {f['flip_cost']:.3f}, {f['benign_ratio']:.2f}, "
+                f"{'yes' if f['met'] else '**no**'} |"
+            )
+        lines.append(row)
     n_met = sum(r["criteria"]["met"] for r in results.values())
-    lines += ["", f"Seeds meeting all three criteria: **{n_met} of {len(results)}**.", ""]
+    lines += ["", f"Seeds meeting all three criteria: **{n_met} of {len(results)}**."]
+    if first:
+        n_first = sum(r["criteria_first"]["met"] for r in results.values())
+        lines += [
+            f"On the first {args.also_first} test cases alone (the same trained models): {n_first} of {len(results)}."
+        ]
+    lines.append("")
     if args.trace_seed is not None and args.trace_seed in results:
         lines += [f"Per-epoch trace of the clinical model, seed {args.trace_seed} (`ybranch_trace`):", ""]
         lines += [*trace_table(results[args.trace_seed].get("trace", [])), ""]

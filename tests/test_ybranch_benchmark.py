@@ -128,3 +128,56 @@ def test_settings_and_trace_rows() -> None:
     rows = ybranch.trace_table([record])
     assert len(rows) == 3 and rows[0].count("|") == rows[1].count("|") == rows[2].count("|")
     assert rows[2] == "| 3 | 1.5 | 0.25 | 0.01 | 0.5 | 0.125 | 0.3 |"
+
+
+def test_scores_on_a_subset_are_the_global_scores_of_those_cases(datasets: tuple[Path, Path], tmp_path: Path) -> None:
+    clinical, plain = datasets
+    diagnoses = _diagnoses(clinical)
+    pred = tmp_path / "pred"
+    shutil.copytree(plain / "labelsTs", pred)
+    scores = ybranch.tumour_scores(clinical / "labelsTs", pred, diagnoses)
+    cases = sorted(scores["cases"])
+    whole = ybranch.subset_scores(scores["cases"], diagnoses, cases)
+    assert whole["tumour_global_dice"] == pytest.approx(scores["tumour_global_dice"])
+    assert whole["tumour_voxels_in_benign_cases"] == scores["tumour_voxels_in_benign_cases"]
+
+    # One benign and one malignant case: the formula on their voxel counts alone.
+    benign = next(c for c in cases if diagnoses[c] == "benign")
+    malignant = next(c for c in cases if diagnoses[c] == "malignant")
+    part = ybranch.subset_scores(scores["cases"], diagnoses, [benign, malignant])
+    lesion = _tumour_voxels(clinical / "labelsTs", malignant)
+    assert part["tumour_global_dice"] == pytest.approx(2 * lesion / (2 * lesion + _tumour_voxels(pred, benign)))
+    assert part["tumour_global_dice_malignant"] == pytest.approx(1.0)
+    assert part["tumour_voxels_in_benign_cases"] == _tumour_voxels(pred, benign)
+
+
+def _counted_seed(clinical_tp: list[int], latent_tp: list[int]) -> dict:
+    """A seed's scores from per-case counts: malignant cases of 100 tumour voxels each, then two empty benign ones."""
+    names = [f"m{i}" for i in range(len(clinical_tp))] + ["b0", "b1"]
+    diagnoses = {n: "malignant" if n.startswith("m") else "benign" for n in names}
+
+    def mode(tps: list[int]) -> dict:
+        cases = {f"m{i}": {"tp": tp, "pred": tp, "gt": 100} for i, tp in enumerate(tps)}
+        cases.update({b: {"tp": 0, "pred": 0, "gt": 0} for b in ("b0", "b1")})
+        return {"cases": cases}
+
+    return {"clinical": mode(clinical_tp), "latent": mode(latent_tp), ybranch.FLIPPED: mode(latent_tp),
+            "diagnoses": diagnoses}  # fmt: skip
+
+
+def test_restrict_recomputes_every_mode_on_the_subset() -> None:
+    seed = _counted_seed([100, 50, 0], [50, 50, 50])
+    restricted = ybranch.restrict(seed, ["m0", "b0"])
+    assert restricted["clinical"]["tumour_global_dice"] == pytest.approx(1.0)
+    assert restricted["latent"]["tumour_global_dice"] == pytest.approx(2 * 50 / 150)
+    assert ybranch.criteria(restricted)["margin"] == pytest.approx(1.0 - 2 * 50 / 150)
+
+
+def test_margin_interval_spans_the_case_to_case_spread_and_is_a_point_without_one() -> None:
+    # Clinical better on one case, worse on another: the interval must contain both signs.
+    low, high = ybranch.margin_interval(_counted_seed([100, 0, 50, 50], [50, 50, 50, 50]), draws=500)
+    assert low < 0 < high
+    # Clinical better by the same amount on every case: every resample gives the same margin.
+    seed = _counted_seed([80, 80, 80], [40, 40, 40])
+    margin = ybranch.criteria(ybranch.restrict(seed, list(seed["diagnoses"])))["margin"]
+    assert ybranch.margin_interval(seed, draws=200) == pytest.approx((margin, margin))

@@ -224,7 +224,7 @@ class SwinNeXtUNet(nn.Module):
         n_latent_tokens: int = 4,
         ca_heads: int = 12,
         ca_film_levels: str = "all",
-        ca_token_std: float = 1.0,
+        ca_token_std: float = 0.3,
         ca_field_dropout: float = 0.15,
         use_checkpoint: bool = False,
     ) -> None:

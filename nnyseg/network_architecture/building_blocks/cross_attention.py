@@ -104,7 +104,7 @@ class ClinicalTokenizer(nn.Module):
     """
 
     def __init__(
-        self, schema: Sequence[Mapping[str, Any]], dim: int, *, field_dropout: float = 0.15, token_std: float = 1.0
+        self, schema: Sequence[Mapping[str, Any]], dim: int, *, field_dropout: float = 0.15, token_std: float = 0.3
     ) -> None:
         super().__init__()
         if not 0.0 <= field_dropout < 1.0:
@@ -256,7 +256,7 @@ class BottleneckCrossAttention(nn.Module):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         field_dropout: float = 0.15,
-        token_std: float = 1.0,
+        token_std: float = 0.3,
         attn_drop: float = 0.0,
         level_channels: Sequence[int] = (),
     ) -> None:
