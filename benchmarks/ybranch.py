@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import device_name  # this folder's timing benchmark; imported here, where it is needed
 
     command = "python benchmarks/ybranch.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
-    first = all("criteria_first" in r for r in results.values())
+    scored_first = all("criteria_first" in r for r in results.values())
     n_test = results[args.seeds[0]]["n_test"]
     overrides = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in args.set.items()) or "none (the defaults)"
     trainer_overrides = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in args.trainer_set.items())
@@ -434,8 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         "| seed | malignant / test cases | tumour Dice clinical | latent | clinical, diagnoses flipped "
         "| margin (>= +0.05) | margin, 90 % bootstrap interval | flip cost (>= 0.10) "
         "| benign-case tumour voxels clinical / latent (<= 0.5) | all met |"
-        + (f" first {args.also_first} test cases: margin, flip cost, benign ratio, all met |" if first else ""),
-        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---|" + ("---|" if first else ""),
+        + (f" first {args.also_first} test cases: margin, flip cost, benign ratio, all met |" if scored_first else ""),
+        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---|" + ("---|" if scored_first else ""),
     ]
     for seed, r in results.items():
         c = r["criteria"]
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(row)
     n_met = sum(r["criteria"]["met"] for r in results.values())
     lines += ["", f"Seeds meeting all three criteria: **{n_met} of {len(results)}**."]
-    if first:
+    if scored_first:
         n_first = sum(r["criteria_first"]["met"] for r in results.values())
         lines += [
             f"On the first {args.also_first} test cases alone (the same trained models): {n_first} of {len(results)}."

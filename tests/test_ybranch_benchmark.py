@@ -181,3 +181,36 @@ def test_margin_interval_spans_the_case_to_case_spread_and_is_a_point_without_on
     seed = _counted_seed([80, 80, 80], [40, 40, 40])
     margin = ybranch.criteria(ybranch.restrict(seed, list(seed["diagnoses"])))["margin"]
     assert ybranch.margin_interval(seed, draws=200) == pytest.approx((margin, margin))
+
+
+def test_report_has_one_row_per_seed_and_counts_both_test_sets(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No training: run_seed returns per-case counts. Seed 0's clinical model is better on every malignant case;
+    # seed 1's only on m2 and m3, so it fails on the first 4 test cases in name order (b0, b1, m0, m1).
+    seeds = {0: _counted_seed([90] * 4, [40] * 4), 1: _counted_seed([40, 40, 100, 100], [50] * 4)}
+    for scores in seeds.values():
+        cases = scores["clinical"]["cases"]
+        scores[ybranch.FLIPPED] = {"cases": {c: {**v, "tp": 0, "pred": 0} for c, v in cases.items()}}
+        for name in (*ybranch.MODES, ybranch.FLIPPED):
+            all_cases = ybranch.subset_scores(scores[name]["cases"], scores["diagnoses"], sorted(cases))
+            scores[name].update(all_cases)
+        scores.update({"n_test": len(cases), "n_malignant": 4, "minutes": 0.0})
+
+    def fake_run_seed(args: object, seed: int, work: Path) -> dict:
+        work.mkdir(parents=True, exist_ok=True)
+        return copy.deepcopy(seeds[seed])
+
+    monkeypatch.setattr(ybranch, "run_seed", fake_run_seed)
+    monkeypatch.syspath_prepend(str(Path(ybranch.__file__).parent))  # main imports its sibling bench.py
+    assert ybranch.main(["--seeds", "0", "1", "--workdir", str(tmp_path), "--also-first", "4", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    header = next(line for line in out.splitlines() if line.startswith("| seed |"))
+    assert all(row.count("|") == header.count("|") for row in rows)
+    assert "Seeds meeting all three criteria: **2 of 2**." in out
+    assert "On the first 4 test cases alone (the same trained models): 1 of 2." in out
+    saved = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert saved["1"]["criteria"]["met"] is True and saved["1"]["criteria_first"]["met"] is False
+    low, high = saved["0"]["margin_interval"]
+    assert low == pytest.approx(high) == pytest.approx(saved["0"]["criteria"]["margin"])
