@@ -31,12 +31,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the Y-branch benchmark's runners, shared
 from ybranch import (
     RESULTS,
+    TRAIN,
     fresh_workdir,
     parse_setting,
     run,
     run_parallel,
     script,
-    single_threaded_train,
     write_single_split,
 )
 
@@ -108,7 +108,7 @@ def run_seed(args: argparse.Namespace, seed: int, work: Path) -> dict[str, Any]:
     write_single_split(raw, plans_file.parent)
 
     run_parallel(
-        [[*single_threaded_train(), str(DATASET_ID), configurations[name], "0", "-tr", trainer, "-p", plans_name,
+        [[*TRAIN, str(DATASET_ID), configurations[name], "0", "-tr", trainer, "-p", plans_name,
           "-device", "cpu"] for name in MODELS],
         env,
         [work / f"train_{name}.log" for name in MODELS],
