@@ -1,7 +1,7 @@
 """The scoring of the Y-branch benchmark (benchmarks/ybranch.py), on the phantom's clinical variant.
 
-The benchmark itself trains two networks (about 20 minutes on 2 cores), so it is not run here; what decides its
-reported numbers (the flipped table and the scores) is.
+The benchmark itself trains two networks per seed (about 6 minutes a seed on 2 cores), so it is not run here; what
+decides its reported numbers (the flipped table, the scores, their subsets and intervals, the report) is.
 """
 
 from __future__ import annotations
